@@ -1,0 +1,41 @@
+"""`sdray`: one console script whose subcommands are the stage entry points in `pipelines/`.
+
+Each subcommand is the `main(argv)` of a module here, so `sdray train ...` and `python -m pipelines.train ...`
+are the same code. Modules are imported only when their subcommand runs, so `sdray --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("pipelines.data", "make data sets (`sdray data synth`: captioned synthetic scenes)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return (
+        "usage: sdray COMMAND [options]   (sdray COMMAND --help for a command's options)\n\n"
+        "Stable Diffusion as a distributed data-and-training pipeline on Ray.\n\ncommands:\n" + "\n".join(lines)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

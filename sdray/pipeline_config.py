@@ -1,0 +1,57 @@
+"""PipelineConfig: one YAML file holds every stage's section; all are validated whichever stage runs.
+
+A section absent from the file takes its defaults. Unknown sections or keys, and values of the wrong type,
+raise ConfigError naming the key and the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdray.config import apply_overrides, from_dict, load_yaml
+from sdray.data.synth import SynthConfig
+from sdray.errors import ConfigError
+from sdray.models.config import ModelConfig
+from sdray.preprocess.config import PreprocessConfig
+from sdray.serve.config import ServeConfig
+from sdray.train.config import TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
+DEFAULT_CONFIG = "tiny"
+
+
+@dataclass(kw_only=True, frozen=True)
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Which model components to build or load (shared by all stages)."""
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    """`sdray data synth`: the synthetic captioned data set."""
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    """`sdray preprocess`: stage 1."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """`sdray train`: stage 2."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """`sdray serve` / `sdray generate`: stage 3."""
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path as given, or the name of a packaged config (`tiny`, `sd15`, ...)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    packaged = CONFIG_DIR / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return packaged
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a packaged config ({known})")
+
+
+def load_pipeline_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config, apply ``section.key=value`` overrides, and validate every section."""
+    path = resolve_config_path(name_or_path)
+    data = apply_overrides(load_yaml(path), overrides or [])
+    try:
+        return from_dict(PipelineConfig, data, where="")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

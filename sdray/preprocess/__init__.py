@@ -1,0 +1,1 @@
+"""Stage 1: image-caption parquet -> cached VAE latents and CLIP text embeddings (Ray Data)."""

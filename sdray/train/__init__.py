@@ -1,0 +1,1 @@
+"""Stage 2: UNet training on cached latents with Ray Train."""

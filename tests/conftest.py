@@ -1,0 +1,55 @@
+"""Shared fixtures: one local Ray instance per test session, tiny model components, a small synth data set."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray cluster, started once (never attaches to another cluster on the machine)."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=4,  # logical CPUs: lets a CPU stage and an encoder actor run side by side on 2 cores
+        object_store_memory=512 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_components():
+    """All five tiny-preset components (random weights, seed 0). Do not mutate."""
+    from sdray.models.components import load_components
+    from sdray.models.config import ModelConfig
+
+    return load_components(ModelConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_components, tmp_path_factory) -> Path:
+    """The tiny preset saved as a diffusers-format directory."""
+    from sdray.models.components import save_components
+
+    return save_components(tiny_components, tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """64 synthetic 64px scenes in 2 parquet shards."""
+    from sdray.data.synth import SynthConfig, write_synth
+
+    return write_synth(
+        SynthConfig(num_images=64, resolution=64, rows_per_shard=32), tmp_path_factory.mktemp("data") / "synth"
+    )
