@@ -20,7 +20,8 @@ def _usage() -> str:
     lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
     return (
         "usage: sdray COMMAND [options]   (sdray COMMAND --help for a command's options)\n\n"
-        "Stable Diffusion as a distributed data-and-training pipeline on Ray.\n\ncommands:\n" + "\n".join(lines)
+        "Stable Diffusion as a distributed data-and-training pipeline on Ray.\n\ncommands:\n"
+        + "\n".join(lines)
     )
 
 

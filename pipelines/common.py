@@ -44,7 +44,9 @@ def load_config(args: argparse.Namespace, extra: list[str] | None = None) -> Pip
 
 def flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
     """Turn dedicated flags (``--out`` ...) that were given into ``section.key=value`` overrides."""
-    return [f"{key}={getattr(args, attr)}" for attr, key in mapping.items() if getattr(args, attr) is not None]
+    return [
+        f"{key}={getattr(args, attr)}" for attr, key in mapping.items() if getattr(args, attr) is not None
+    ]
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

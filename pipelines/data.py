@@ -1,10 +1,10 @@
 """Make data sets.
 
-  sdray data synth --out data/synth --num-images 1024 --resolution 64
-      Captioned synthetic scenes ("a large red circle in the top left on a black background") as parquet
-      shards with an `image` {bytes, path} struct, `caption`, `id` and one column per attribute, plus
-      _synth.json (config, held-out combinations). Deterministic by --seed. Settings: the `synth` section.
-  On a cluster, write locally and copy to object storage, or run on the head node.
+sdray data synth --out data/synth --num-images 1024 --resolution 64
+    Captioned synthetic scenes ("a large red circle in the top left on a black background") as parquet
+    shards with an `image` {bytes, path} struct, `caption`, `id` and one column per attribute, plus
+    _synth.json (config, held-out combinations). Deterministic by --seed. Settings: the `synth` section.
+On a cluster, write locally and copy to object storage, or run on the head node.
 """
 
 from __future__ import annotations
@@ -15,16 +15,25 @@ import sys
 from pipelines.common import flag_overrides, load_config, make_parser, run
 from sdray.data.synth import write_synth
 
-FLAGS = {"num_images": "synth.num_images", "resolution": "synth.resolution", "seed": "synth.seed",
-         "image_format": "synth.image_format"}
+FLAGS = {
+    "num_images": "synth.num_images",
+    "resolution": "synth.resolution",
+    "seed": "synth.seed",
+    "image_format": "synth.image_format",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdray data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sdray data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    synth = sub.add_parser("synth", help="write the synthetic captioned data set",
-                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    synth = sub.add_parser(
+        "synth",
+        help="write the synthetic captioned data set",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for action in make_parser("sdray data synth", None)._actions[1:]:  # --config, --set, -v
         synth._add_action(action)
     synth.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")

@@ -47,7 +47,9 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a packaged config ({known})")
 
 
-def load_pipeline_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> PipelineConfig:
+def load_pipeline_config(
+    name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None
+) -> PipelineConfig:
     """Read a YAML config, apply ``section.key=value`` overrides, and validate every section."""
     path = resolve_config_path(name_or_path)
     data = apply_overrides(load_yaml(path), overrides or [])

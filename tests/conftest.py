@@ -51,5 +51,6 @@ def synth_dir(tmp_path_factory) -> Path:
     from sdray.data.synth import SynthConfig, write_synth
 
     return write_synth(
-        SynthConfig(num_images=64, resolution=64, rows_per_shard=32), tmp_path_factory.mktemp("data") / "synth"
+        SynthConfig(num_images=64, resolution=64, rows_per_shard=32),
+        tmp_path_factory.mktemp("data") / "synth",
     )

@@ -10,8 +10,9 @@ from pipelines.cli import COMMANDS
 
 
 def sdray(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_top_level_help_lists_every_command():

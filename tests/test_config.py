@@ -66,3 +66,15 @@ def test_resolved_config_round_trips(tmp_path: Path):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_yaml(cfg))
     assert load_pipeline_config(str(path)) == cfg
+
+
+def test_config_reference_is_current():
+    from sdray.config_docs import DOC_PATH, field_docs, render
+
+    assert DOC_PATH.read_text() == render(), "run: python -m sdray.config_docs > docs/config.md"
+    from sdray.pipeline_config import PipelineConfig
+
+    for section in PipelineConfig.__dataclass_fields__.values():
+        cls = type(getattr(PipelineConfig(), section.name))
+        missing = set(cls.__dataclass_fields__) - set(field_docs(cls))
+        assert not missing, f"{section.name}: fields without a docstring: {missing}"

@@ -35,9 +35,16 @@ def test_preset_weights_are_deterministic_per_part():
 
 
 def test_overrides_change_the_architecture():
-    c = load_components(ModelConfig(vae={"block_out_channels": [8, 16, 16], "down_block_types":
-                                         ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3}),
-                        parts=["vae"])
+    c = load_components(
+        ModelConfig(
+            vae={
+                "block_out_channels": [8, 16, 16],
+                "down_block_types": ["DownEncoderBlock2D"] * 3,
+                "up_block_types": ["UpDecoderBlock2D"] * 3,
+            }
+        ),
+        parts=["vae"],
+    )
     assert c.vae_downsample == 4
 
 
@@ -48,12 +55,21 @@ def test_bad_override_is_a_config_error():
 
 def test_directory_round_trip(tiny_components, tiny_model_dir):
     assert sorted(p.name for p in tiny_model_dir.iterdir()) == [
-        "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+        "vae",
+    ]
     assert list((tiny_model_dir / "unet").glob("*.safetensors"))
     loaded = load_components(ModelConfig(path=str(tiny_model_dir)))
     for name in ("unet", "vae", "text_encoder"):
-        for (k, v), (k2, v2) in zip(getattr(tiny_components, name).state_dict().items(),
-                                    getattr(loaded, name).state_dict().items(), strict=True):
+        for (k, v), (k2, v2) in zip(
+            getattr(tiny_components, name).state_dict().items(),
+            getattr(loaded, name).state_dict().items(),
+            strict=True,
+        ):
             assert k == k2 and torch.equal(v, v2), f"{name}.{k} differs after reload"
     assert loaded.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert loaded.scheduler.config.num_train_timesteps == 1000
@@ -63,8 +79,14 @@ def test_loaded_directory_works_in_diffusers_pipeline(tiny_model_dir):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)
-    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="pil",
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="pil",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.size == (64, 64)
 
 
@@ -77,7 +99,10 @@ def test_fingerprint_stable_across_save_and_load(tiny_components, tiny_model_dir
     fp = encoder_fingerprint(tiny_components)
     assert len(fp) == 64
     assert encoder_fingerprint(load_components(ModelConfig(path=str(tiny_model_dir)))) == fp
-    assert encoder_fingerprint(load_components(ModelConfig(seed=1), parts=["vae", "text_encoder", "tokenizer"])) != fp
+    assert (
+        encoder_fingerprint(load_components(ModelConfig(seed=1), parts=["vae", "text_encoder", "tokenizer"]))
+        != fp
+    )
 
 
 def test_save_is_atomic_on_failure(tiny_components, tmp_path, monkeypatch):

@@ -16,8 +16,10 @@ def test_layout_and_decodable_images(synth_dir):
     for row in table.slice(0, 8).to_pylist():
         image = Image.open(io.BytesIO(row["image"]["bytes"]))
         assert image.size == (64, 64) and image.mode == "RGB"
-        assert row["caption"] == (f"a {row['size']} {row['color']} {row['shape']} in the {row['position']} "
-                                  f"on a {row['background']} background")
+        assert row["caption"] == (
+            f"a {row['size']} {row['color']} {row['shape']} in the {row['position']} "
+            f"on a {row['background']} background"
+        )
     assert len(set(table.column("id").to_pylist())) == 64
 
 
@@ -53,8 +55,13 @@ def test_held_out_combinations_never_appear(synth_dir):
 
 
 def test_jpeg_and_other_attributes(tmp_path):
-    cfg = SynthConfig(num_images=8, resolution=48, image_format="jpeg", sizes=("small", "large"),
-                      backgrounds=("white", "gray"))
+    cfg = SynthConfig(
+        num_images=8,
+        resolution=48,
+        image_format="jpeg",
+        sizes=("small", "large"),
+        backgrounds=("white", "gray"),
+    )
     row = pq.read_table(write_synth(cfg, tmp_path / "j")).to_pylist()[0]
     assert Image.open(io.BytesIO(row["image"]["bytes"])).format == "JPEG"
     assert row["background"] in ("white", "gray")

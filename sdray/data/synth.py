@@ -37,7 +37,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "magenta": (220, 30, 220),
     "cyan": (20, 220, 230),
 }
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+    "gray": (128, 128, 128),
+}
 SHAPES = ("circle", "square", "triangle")
 POSITIONS: dict[str, tuple[float, float]] = {  # centre of each quadrant, as a fraction of the side
     "top left": (0.25, 0.25),
@@ -183,13 +187,23 @@ def write_synth(cfg: SynthConfig, out_dir: str | Path, *, overwrite: bool = Fals
         for index, scene, rng in tqdm(iter_scenes(cfg), total=cfg.num_images, desc="synth", unit="img"):
             row_id = f"synth-{cfg.seed}-{index:08d}"
             data = encode_image(render(scene, cfg.resolution, rng, jitter=cfg.jitter), cfg.image_format)
-            rows.append({"id": row_id, "image": {"bytes": data, "path": f"{row_id}.{ext}"},
-                         "caption": scene.caption, **scene.attributes()})
+            rows.append(
+                {
+                    "id": row_id,
+                    "image": {"bytes": data, "path": f"{row_id}.{ext}"},
+                    "caption": scene.caption,
+                    **scene.attributes(),
+                }
+            )
             if len(rows) == cfg.rows_per_shard or index == cfg.num_images - 1:
                 pq.write_table(_shard_table(rows), tmp / f"part-{shard:05d}.parquet")
                 rows, shard = [], shard + 1
-        meta = {"config": to_dict(cfg), "held_out": [list(c) for c in cfg.held_out_combinations()],
-                "attributes": list(ATTRIBUTES), "num_rows": cfg.num_images}
+        meta = {
+            "config": to_dict(cfg),
+            "held_out": [list(c) for c in cfg.held_out_combinations()],
+            "attributes": list(ATTRIBUTES),
+            "num_rows": cfg.num_images,
+        }
         (tmp / "_synth.json").write_text(json.dumps(meta, indent=2))
     log.info("wrote %d images in %d shards to %s", cfg.num_images, shard, out_dir)
     return out_dir

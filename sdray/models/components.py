@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdray.errors import ConfigError, InputError
@@ -127,7 +133,9 @@ def _build_part(cfg: ModelConfig, name: str) -> Any:
 
 _LOADERS: dict[str, Callable[[str], Any]] = {
     "tokenizer": lambda p: CLIPTokenizer.from_pretrained(p, subfolder="tokenizer"),
-    "text_encoder": lambda p: CLIPTextModel.from_pretrained(p, subfolder="text_encoder", use_safetensors=True),
+    "text_encoder": lambda p: CLIPTextModel.from_pretrained(
+        p, subfolder="text_encoder", use_safetensors=True
+    ),
     "vae": lambda p: AutoencoderKL.from_pretrained(p, subfolder="vae", use_safetensors=True),
     "unet": lambda p: UNet2DConditionModel.from_pretrained(p, subfolder="unet", use_safetensors=True),
     "scheduler": lambda p: DDPMScheduler.from_pretrained(p, subfolder="scheduler"),

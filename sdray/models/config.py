@@ -30,7 +30,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.path and any((self.unet, self.vae, self.text_encoder)):
-            raise ConfigError("model.path loads a saved architecture; drop the unet/vae/text_encoder overrides")
+            raise ConfigError(
+                "model.path loads a saved architecture; drop the unet/vae/text_encoder overrides"
+            )
 
     @property
     def source(self) -> str:

@@ -10,11 +10,18 @@ import torch
 from sdray.models.components import SDComponents
 
 # Only settings that change the encoders' outputs; file metadata (_name_or_path, versions) must not count.
-_VAE_KEYS = ("latent_channels", "block_out_channels", "norm_num_groups", "act_fn", "scaling_factor", "shift_factor")
+_VAE_KEYS = (
+    "latent_channels",
+    "block_out_channels",
+    "norm_num_groups",
+    "act_fn",
+    "scaling_factor",
+    "shift_factor",
+)
 _TEXT_KEYS = ("hidden_act", "layer_norm_eps", "num_attention_heads", "hidden_size", "eos_token_id")
 
 
-def _hash_module(h: "hashlib._Hash", module: torch.nn.Module) -> None:
+def _hash_module(h: hashlib._Hash, module: torch.nn.Module) -> None:
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())

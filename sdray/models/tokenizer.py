@@ -47,7 +47,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _vocab_and_merges(bpe_file: Path) -> tuple[dict[str, int], list[str]]:
-    lines = gzip.open(bpe_file, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(bpe_file, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     merges = lines[1:_MERGES_END]
     tokens = list(_bytes_to_unicode().values())
     tokens += [t + "</w>" for t in tokens]

@@ -1,0 +1,152 @@
+"""The latent cache contract: column names, dtypes, shapes, metadata, format version. Writer and reader both
+import this module; nothing else spells a column name.
+
+A cache is a directory of parquet shards plus sidecar files whose names start with `_` (parquet readers,
+pyarrow's and Ray's, skip those):
+
+    part-*.parquet          one row per accepted image
+    _cache.json             CacheInfo (also stored in every shard's schema metadata under b"sdray")
+    _empty_caption.safetensors   the text embedding of "" (caption dropout / classifier-free guidance)
+
+Columns (plain pyarrow types; tensors are flattened row-major, shapes come from CacheInfo):
+    id            string
+    latent        fixed_size_list<halffloat>[C*h*w]   unscaled VAE posterior mean, shape CacheInfo.latent_shape
+    latent_std    fixed_size_list<halffloat>[C*h*w]   posterior std (only when CacheInfo.has_std)
+    text_embeds   fixed_size_list<halffloat>[77*D]    last hidden state of the text encoder, CacheInfo.text_embeds_shape
+    caption       string                              the caption that was encoded
+
+Reading without Ray: `pq.read_table(d).column("latent").combine_chunks().flatten().to_numpy()
+.reshape(-1, *info.latent_shape)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sdray.errors import InputError
+
+FORMAT_VERSION = 1
+ID, LATENT, LATENT_STD, TEXT_EMBEDS, CAPTION = "id", "latent", "latent_std", "text_embeds", "caption"
+INFO_FILE = "_cache.json"
+EMPTY_CAPTION_FILE = "_empty_caption.safetensors"
+EMPTY_CAPTION_KEY = "text_embeds"
+METADATA_KEY = b"sdray"
+
+
+@dataclass(kw_only=True, frozen=True)
+class CacheInfo:
+    """File-level metadata of a latent cache."""
+
+    format_version: int = FORMAT_VERSION
+    vae_scaling_factor: float
+    """Multiply stored latents by this before the UNet sees them (once, in training)."""
+    encoder_fingerprint: str
+    """sdray.models.fingerprint.encoder_fingerprint of the VAE + text encoder that made the cache."""
+    resolution: int
+    """Side of the square images that were encoded, pixels."""
+    latent_shape: tuple[int, int, int]
+    """(C, h, w) of one latent."""
+    text_embeds_shape: tuple[int, int]
+    """(tokens, D) of one text embedding."""
+    has_std: bool = False
+    """Whether `latent_std` is stored, so training can sample the posterior."""
+    model_source: str = ""
+    """Where the encoders came from (path or preset), for humans."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str) -> CacheInfo:
+        try:
+            data = json.loads(text)
+            if data.get("format_version") != FORMAT_VERSION:
+                raise InputError(
+                    f"{where}: cache format version {data.get('format_version')}, "
+                    f"this sdray reads version {FORMAT_VERSION}; re-run `sdray preprocess`"
+                )
+            data["latent_shape"] = tuple(data["latent_shape"])
+            data["text_embeds_shape"] = tuple(data["text_embeds_shape"])
+            return cls(**data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{where}: unreadable cache metadata: {exc}") from exc
+
+
+def _tensor_type(shape: tuple[int, ...]) -> pa.DataType:
+    return pa.list_(pa.float16(), math.prod(shape))
+
+
+def cache_schema(info: CacheInfo) -> pa.Schema:
+    """The arrow schema of every shard, with CacheInfo in its metadata."""
+    fields = [pa.field(ID, pa.string()), pa.field(LATENT, _tensor_type(info.latent_shape))]
+    if info.has_std:
+        fields.append(pa.field(LATENT_STD, _tensor_type(info.latent_shape)))
+    fields += [pa.field(TEXT_EMBEDS, _tensor_type(info.text_embeds_shape)), pa.field(CAPTION, pa.string())]
+    return pa.schema(fields, metadata={METADATA_KEY: info.to_json().encode()})
+
+
+def _tensor_column(array: np.ndarray, shape: tuple[int, ...], name: str) -> pa.Array:
+    if array.shape[1:] != shape:
+        raise ValueError(f"{name}: expected rows of shape {shape}, got {array.shape[1:]}")
+    flat = np.ascontiguousarray(array, dtype=np.float16).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float16()), math.prod(shape))
+
+
+def to_table(
+    info: CacheInfo,
+    *,
+    ids: list[str],
+    latents: np.ndarray,
+    text_embeds: np.ndarray,
+    captions: list[str],
+    latent_std: np.ndarray | None = None,
+) -> pa.Table:
+    """Rows of a shard. ``latents``/``latent_std``: (N, C, h, w); ``text_embeds``: (N, 77, D); cast to fp16."""
+    columns = {ID: pa.array(ids, pa.string()), LATENT: _tensor_column(latents, info.latent_shape, LATENT)}
+    if info.has_std:
+        if latent_std is None:
+            raise ValueError("CacheInfo.has_std is set but latent_std is missing")
+        columns[LATENT_STD] = _tensor_column(latent_std, info.latent_shape, LATENT_STD)
+    columns[TEXT_EMBEDS] = _tensor_column(text_embeds, info.text_embeds_shape, TEXT_EMBEDS)
+    columns[CAPTION] = pa.array(captions, pa.string())
+    return pa.Table.from_pydict(columns, schema=cache_schema(info))
+
+
+def tensor_columns(info: CacheInfo) -> dict[str, tuple[int, ...]]:
+    """Column name -> per-row shape, for the columns that hold tensors."""
+    shapes: dict[str, tuple[int, ...]] = {LATENT: info.latent_shape, TEXT_EMBEDS: info.text_embeds_shape}
+    if info.has_std:
+        shapes[LATENT_STD] = info.latent_shape
+    return shapes
+
+
+def unflatten(batch: dict[str, np.ndarray], info: CacheInfo) -> dict[str, np.ndarray]:
+    """Reshape a batch read by Ray (``(B, prod(shape))`` arrays) or pyarrow into ``(B, *shape)`` arrays."""
+    out = dict(batch)
+    for name, shape in tensor_columns(info).items():
+        if name in out:
+            out[name] = np.asarray(out[name]).reshape(-1, *shape)
+    return out
+
+
+def read_cache_info(path: str | Path) -> CacheInfo:
+    """CacheInfo of the cache directory ``path`` (from its `_cache.json`)."""
+    info_file = Path(path) / INFO_FILE
+    if not info_file.is_file():
+        raise InputError(f"{path}: not a latent cache (no {INFO_FILE}); write one with `sdray preprocess`")
+    return CacheInfo.from_json(info_file.read_text(), where=str(info_file))
+
+
+def read_shard_info(shard: str | Path) -> CacheInfo:
+    """CacheInfo stored in one shard's schema metadata."""
+    metadata = pq.read_schema(shard).metadata or {}
+    if METADATA_KEY not in metadata:
+        raise InputError(f"{shard}: parquet file has no sdray cache metadata")
+    return CacheInfo.from_json(metadata[METADATA_KEY].decode(), where=str(shard))
