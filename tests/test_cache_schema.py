@@ -59,3 +59,11 @@ def test_info_file_errors(tmp_path):
     (tmp_path / cache.INFO_FILE).write_text('{"format_version": 99}')
     with pytest.raises(InputError, match="format version 99"):
         cache.read_cache_info(tmp_path)
+
+
+def test_sidecars_round_trip(tmp_path):
+    empty = np.random.default_rng(1).normal(size=(77, 32)).astype(np.float16)
+    cache.write_sidecars(tmp_path, INFO, empty)
+    assert cache.read_cache_info(tmp_path) == INFO
+    np.testing.assert_array_equal(cache.read_empty_caption(tmp_path), empty)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cache.INFO_FILE, cache.EMPTY_CAPTION_FILE]

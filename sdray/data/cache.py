@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdray.errors import InputError
+from sdray.io import atomic_write_bytes, atomic_write_text
 
 FORMAT_VERSION = 1
 ID, LATENT, LATENT_STD, TEXT_EMBEDS, CAPTION = "id", "latent", "latent_std", "text_embeds", "caption"
@@ -134,6 +135,28 @@ def unflatten(batch: dict[str, np.ndarray], info: CacheInfo) -> dict[str, np.nda
         if name in out:
             out[name] = np.asarray(out[name]).reshape(-1, *shape)
     return out
+
+
+def write_sidecars(out_dir: str | Path, info: CacheInfo, empty_caption_embeds: np.ndarray) -> None:
+    """Write `_cache.json` and `_empty_caption.safetensors` (``empty_caption_embeds``: (77, D)) atomically."""
+    from safetensors.numpy import save  # local: keep this module importable without safetensors' numpy glue
+
+    out_dir = Path(out_dir)
+    if empty_caption_embeds.shape != info.text_embeds_shape:
+        raise ValueError(f"empty caption embeds {empty_caption_embeds.shape} != {info.text_embeds_shape}")
+    tensors = {EMPTY_CAPTION_KEY: np.ascontiguousarray(empty_caption_embeds, dtype=np.float16)}
+    atomic_write_bytes(out_dir / EMPTY_CAPTION_FILE, save(tensors))
+    atomic_write_text(out_dir / INFO_FILE, info.to_json())
+
+
+def read_empty_caption(path: str | Path) -> np.ndarray:
+    """The (77, D) float16 embedding of the empty caption stored beside the cache ``path``."""
+    from safetensors.numpy import load_file
+
+    file = Path(path) / EMPTY_CAPTION_FILE
+    if not file.is_file():
+        raise InputError(f"{path}: missing {EMPTY_CAPTION_FILE} (needed for caption dropout)")
+    return load_file(str(file))[EMPTY_CAPTION_KEY]
 
 
 def read_cache_info(path: str | Path) -> CacheInfo:
