@@ -1,0 +1,42 @@
+"""cluster.yaml must pass Ray's own cluster-config validation, so a typo fails CI (no cloud credentials needed)."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CLUSTER_YAML = Path(__file__).resolve().parent.parent / "cluster.yaml"
+
+
+def _validate(config: dict) -> None:
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def test_cluster_yaml_validates():
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    _validate(config)
+    groups = config["available_node_types"]
+    assert config["head_node_type"] in groups
+    workers = [g for name, g in groups.items() if name != config["head_node_type"]]
+    assert workers and all(
+        0 <= g["min_workers"] <= g["max_workers"] for g in workers
+    )  # Ray checks only the sum
+    assert any("pip install" in c and "-e ." in c for c in config["setup_commands"])
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda c: c.update(max_wrokers=3),  # top-level typo
+        lambda c: c["available_node_types"]["gpu_worker"].update(min_workers=20),  # more than max_workers
+        lambda c: c.update(head_node_type="nope"),
+        lambda c: c["available_node_types"]["cpu_worker"].update(max_workers="many"),
+    ],
+)
+def test_validation_catches_mistakes(mutate):
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    mutate(config)
+    with pytest.raises(Exception):  # noqa: B017 - Ray raises ValueError or jsonschema.ValidationError
+        _validate(config)
