@@ -12,6 +12,7 @@ import sys
 # subcommand -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("pipelines.data", "make data sets (`sdray data synth`: captioned synthetic scenes)"),
+    "evaluate": ("pipelines.evaluate", "caption faithfulness of generated images (colour, shape, position)"),
 }
 
 
