@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdray.errors import InputError
-from sdray.io import atomic_write_bytes, atomic_write_text
+from sdray.io import atomic_write_bytes
 
 FORMAT_VERSION = 1
 ID, LATENT, LATENT_STD, TEXT_EMBEDS, CAPTION = "id", "latent", "latent_std", "text_embeds", "caption"
@@ -137,16 +137,20 @@ def unflatten(batch: dict[str, np.ndarray], info: CacheInfo) -> dict[str, np.nda
     return out
 
 
-def write_sidecars(out_dir: str | Path, info: CacheInfo, empty_caption_embeds: np.ndarray) -> None:
-    """Write `_cache.json` and `_empty_caption.safetensors` (``empty_caption_embeds``: (77, D)) atomically."""
+def sidecar_files(info: CacheInfo, empty_caption_embeds: np.ndarray) -> dict[str, bytes]:
+    """File name -> bytes of the sidecars, in write order (for writers on any file system)."""
     from safetensors.numpy import save  # local: keep this module importable without safetensors' numpy glue
 
-    out_dir = Path(out_dir)
     if empty_caption_embeds.shape != info.text_embeds_shape:
         raise ValueError(f"empty caption embeds {empty_caption_embeds.shape} != {info.text_embeds_shape}")
     tensors = {EMPTY_CAPTION_KEY: np.ascontiguousarray(empty_caption_embeds, dtype=np.float16)}
-    atomic_write_bytes(out_dir / EMPTY_CAPTION_FILE, save(tensors))
-    atomic_write_text(out_dir / INFO_FILE, info.to_json())
+    return {EMPTY_CAPTION_FILE: save(tensors), INFO_FILE: info.to_json().encode()}
+
+
+def write_sidecars(out_dir: str | Path, info: CacheInfo, empty_caption_embeds: np.ndarray) -> None:
+    """Write `_cache.json` and `_empty_caption.safetensors` (``empty_caption_embeds``: (77, D)) atomically."""
+    for name, data in sidecar_files(info, empty_caption_embeds).items():
+        atomic_write_bytes(Path(out_dir) / name, data)
 
 
 def read_empty_caption(path: str | Path) -> np.ndarray:
