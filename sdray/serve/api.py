@@ -1,0 +1,174 @@
+"""The FastAPI app: routes, request limits, auth, and error mapping. No Ray imports but BackPressureError.
+
+`create_api(backend)` builds the app around any object with the `ImageBackend` shape; in Serve that is the
+ingress deployment (``sdray.serve.app``), which forwards generation to the batched model deployment.
+
+Errors: validation -> 422 naming the field (FastAPI's ``{"detail": [{"loc": [...], "msg": ...}]}`` shape);
+body over ``max_body_bytes`` -> 413, body without Content-Length -> 411; missing or wrong bearer token ->
+401; model deployment queue full -> 503 with Retry-After; Serve's ``request_timeout_s`` -> 408.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from importlib.resources import files
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray.serve.exceptions import BackPressureError
+
+from sdray.errors import InputError
+from sdray.serve.config import ServeConfig
+from sdray.serve.request import GenerationRequest, ModelInfo, check_request
+from sdray.serve.schemas import (
+    A1111_SAMPLERS,
+    FIELD_NAMES,
+    ImageData,
+    ImagesRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    Txt2ImgRequest,
+    Txt2ImgResponse,
+    txt2img_response,
+)
+
+log = logging.getLogger(__name__)
+
+_PROTECTED_PREFIXES = ("/v1/", "/sdapi/")
+
+
+class ImageBackend(Protocol):
+    """What the routes need: limits, the model's facts, token counting, and generation."""
+
+    cfg: ServeConfig
+    api_key: str | None
+
+    async def model_info(self) -> ModelInfo: ...
+
+    async def model_health(self) -> str | None: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    async def generate(self, req: GenerationRequest) -> list[bytes]: ...
+
+
+def validation_error(errors: list[tuple[str, str]], api: str) -> JSONResponse:
+    """422 in FastAPI's shape, with internal field names mapped to the API's own."""
+    names = FIELD_NAMES[api]
+    detail = [
+        {"loc": ["body", names.get(f, f)], "msg": f"{names.get(f, f)} {msg}", "type": "value_error"}
+        for f, msg in errors
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+async def _run(backend: ImageBackend, gen: GenerationRequest, api: str) -> list[bytes] | JSONResponse:
+    """Validate ``gen`` and generate; any failure becomes the HTTP answer a client can act on."""
+    errors = check_request(gen, await backend.model_info(), backend.cfg, backend.count_tokens)
+    if errors:
+        return validation_error(errors, api)
+    try:
+        return await backend.generate(gen)
+    except BackPressureError:
+        retry = str(backend.cfg.retry_after_s)
+        return _error(503, "server busy: the model queue is full, retry later", {"Retry-After": retry})
+    except InputError as exc:
+        return _error(422, str(exc))
+
+
+def _limits_middleware(backend: ImageBackend) -> Callable[..., Awaitable[Response]]:
+    async def limits(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.url.path.startswith(_PROTECTED_PREFIXES) and backend.api_key:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token, backend.api_key):
+                return _error(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer ...)",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+        if request.method in ("POST", "PUT", "PATCH"):
+            length = request.headers.get("content-length")
+            if length is None:
+                return _error(411, "body: a Content-Length header is required")
+            if not length.isdigit() or int(length) > backend.cfg.max_body_bytes:
+                return _error(413, f"body: larger than {backend.cfg.max_body_bytes} bytes")
+        return await call_next(request)
+
+    return limits
+
+
+def create_api(backend: ImageBackend) -> FastAPI:
+    """The HTTP app: web page, health, model card, OpenAI images API, AUTOMATIC1111 txt2img."""
+    api = FastAPI(
+        title="sdray",
+        summary="Stable Diffusion text-to-image on Ray Serve",
+        description="OpenAI-compatible `/v1/images/generations` and AUTOMATIC1111-compatible "
+        "`/sdapi/v1/txt2img`; see docs/serve.md.",
+        version="0.1.0",
+    )
+    api.middleware("http")(_limits_middleware(backend))
+    page = files("sdray.serve").joinpath("static/index.html").read_text()
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> str:
+        return page
+
+    @api.get("/healthz")
+    async def healthz() -> Any:
+        """200 when this HTTP replica and a model replica answer; 503 naming the problem otherwise."""
+        problem = await backend.model_health()
+        if problem:
+            return _error(503, f"model deployment unhealthy: {problem}", {"Retry-After": "5"})
+        return {"status": "ok", "model": (await backend.model_info()).source}
+
+    @api.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        info = await backend.model_info()
+        cfg = backend.cfg
+        card = ModelCard(
+            id=info.source,
+            native_size=info.native_size,
+            size_multiple=info.size_multiple,
+            max_tokens=info.max_tokens,
+            schedulers=list(info.schedulers),
+            limits={"max_steps": cfg.max_steps, "max_side": cfg.max_side, "max_images": cfg.max_images},
+        )
+        return ModelList(data=[card])
+
+    @api.post("/v1/images/generations", response_model=ImagesResponse)
+    async def images_generations(body: ImagesRequest) -> ImagesResponse | JSONResponse:
+        """Text to image, OpenAI images API shape; `data[i].seed` reproduces image i."""
+        gen = body.to_generation(backend.cfg, await backend.model_info())
+        result = await _run(backend, gen, "openai")
+        if isinstance(result, JSONResponse):
+            return result
+        data = [
+            ImageData(b64_json=base64.b64encode(png).decode(), seed=seed, revised_prompt=gen.prompt)
+            for png, seed in zip(result, gen.seeds, strict=True)
+        ]
+        return ImagesResponse(created=int(time.time()), data=data)
+
+    @api.post("/sdapi/v1/txt2img", response_model=Txt2ImgResponse)
+    async def txt2img(body: Txt2ImgRequest) -> Txt2ImgResponse | JSONResponse:
+        """Text to image, AUTOMATIC1111 API shape; `info` is a JSON string with `all_seeds`."""
+        gen = body.to_generation(backend.cfg, await backend.model_info())
+        result = await _run(backend, gen, "a1111")
+        if isinstance(result, JSONResponse):
+            return result
+        return txt2img_response(body, gen, [base64.b64encode(png).decode() for png in result])
+
+    @api.get("/sdapi/v1/samplers")
+    async def samplers() -> list[dict[str, Any]]:
+        return [{"name": a, "aliases": [ours], "options": {}} for a, ours in A1111_SAMPLERS.items()]
+
+    return api

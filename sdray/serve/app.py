@@ -1,0 +1,186 @@
+"""The Serve application: an HTTP ingress deployment and a batched model deployment, composed with handles.
+
+    client ──HTTP──► SDIngress (FastAPI: validation, auth, limits) ──handle──► SDModel (@serve.batch, sampler)
+
+`build_app(serve_cfg, model_cfg)` returns the bound application; `app_builder(args)` is the import path a
+Serve config file names (pipelines/configs/serve.yaml); `serve_forever(cfg)` is what `sdray serve` runs.
+Deployment options (autoscaling, queue limits, CPUs/GPUs) come from ServeConfig; a Serve config file's
+`deployments:` section overrides them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from sdray.config import from_dict, to_dict
+from sdray.models.config import ModelConfig
+from sdray.serve.api import create_api
+from sdray.serve.config import ServeConfig
+from sdray.serve.request import GenerationRequest, ModelInfo
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "sdray"
+HEALTH_TIMEOUT_S = 10.0
+
+
+@serve.deployment(name="SDModel")
+class SDModel:
+    """Loads the model once; `generate` joins a batch of compatible requests (one UNet call per step)."""
+
+    def __init__(self, serve_cfg: dict[str, Any], model_cfg: dict[str, Any]) -> None:
+        import torch
+
+        from sdray.models.components import load_components
+        from sdray.serve.sampler import Sampler
+
+        self.cfg = from_dict(ServeConfig, serve_cfg, where="serve")
+        model = from_dict(ModelConfig, model_cfg, where="model")
+        use_cuda = self.cfg.num_gpus > 0 and torch.cuda.is_available()
+        if not use_cuda:
+            torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
+        self.sampler = Sampler(
+            load_components(model),
+            source=model.source,
+            device="cuda" if use_cuda else "cpu",
+            dtype=self.cfg.dtype,
+        )
+        self.generate_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.failures = 0
+        log.info("SDModel ready: %s, batches of <= %d", self.sampler.info, self.cfg.max_batch_size)
+
+    def info(self) -> ModelInfo:
+        return self.sampler.info
+
+    def health(self) -> str:
+        return "ok"
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising makes Serve replace the replica."""
+        if self.failures >= 3:
+            raise RuntimeError(f"{self.failures} consecutive batches failed")
+
+    async def generate(self, req: GenerationRequest) -> list[bytes]:
+        """PNG bytes of each image of ``req`` (validated by the ingress)."""
+        return await self.generate_batch(req)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def generate_batch(self, requests: list[GenerationRequest]) -> list[list[bytes]]:
+        from sdray.serve.sampler import to_png
+
+        log.debug("batch of %d requests, buckets %s", len(requests), {r.bucket for r in requests})
+        try:  # in a thread: the event loop keeps accepting requests for the next batch meanwhile
+            images = await asyncio.to_thread(
+                self.sampler.generate, requests, max_batch=self.cfg.max_batch_size
+            )
+        except Exception:
+            self.failures += 1
+            raise
+        self.failures = 0
+        return [[to_png(image) for image in per_request] for per_request in images]
+
+
+@serve.deployment(name="SDIngress")
+@serve.ingress()
+class SDIngress:
+    """HTTP front: validates, authenticates and forwards to SDModel; holds only the tokenizer."""
+
+    def __init__(self, model: DeploymentHandle, serve_cfg: dict[str, Any], model_cfg: dict[str, Any]) -> None:
+        from sdray.models.components import load_components
+
+        self.cfg = from_dict(ServeConfig, serve_cfg, where="serve")
+        self.model = model
+        self.tokenizer = load_components(
+            from_dict(ModelConfig, model_cfg, where="model"), ["tokenizer"]
+        ).tokenizer
+        self.api_key = os.environ.get(self.cfg.api_key_env) or None
+        self._info: ModelInfo | None = None
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_api(self)
+
+    async def model_info(self) -> ModelInfo:
+        if self._info is None:  # asked lazily: with min_replicas=0 no model replica runs at start
+            self._info = await self.model.info.remote()
+        return self._info
+
+    async def model_health(self) -> str | None:
+        try:
+            await asyncio.wait_for(self.model.health.remote(), HEALTH_TIMEOUT_S)
+        except Exception as exc:  # any failure to answer is "unhealthy"; the message says which
+            return f"{type(exc).__name__}: {exc}"[:300]
+        return None
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, truncation=False).input_ids)
+
+    async def generate(self, req: GenerationRequest) -> list[bytes]:
+        return await self.model.generate.remote(req)
+
+
+def build_app(serve_cfg: ServeConfig, model_cfg: ModelConfig) -> serve.Application:
+    """The bound application, deployment options taken from ``serve_cfg``."""
+    s, m = to_dict(serve_cfg), to_dict(model_cfg)
+    model = SDModel.options(
+        autoscaling_config={
+            "min_replicas": serve_cfg.min_replicas,
+            "max_replicas": serve_cfg.max_replicas,
+            "initial_replicas": max(serve_cfg.min_replicas, 1),
+            "target_ongoing_requests": serve_cfg.target_ongoing_requests,
+            "upscale_delay_s": serve_cfg.upscale_delay_s,
+            "downscale_delay_s": serve_cfg.downscale_delay_s,
+        },
+        max_ongoing_requests=serve_cfg.max_ongoing_requests,
+        max_queued_requests=serve_cfg.max_queued_requests,
+        ray_actor_options={"num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus},
+    ).bind(s, m)
+    ingress = SDIngress.options(
+        max_ongoing_requests=serve_cfg.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return ingress.bind(model, s, m)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry for Serve config files: ``args: {config: tiny, overrides: ["model.path=..."]}``."""
+    from sdray.pipeline_config import load_pipeline_config
+
+    cfg = load_pipeline_config(args.get("config", "tiny"), list(args.get("overrides", [])))
+    return build_app(cfg.serve, cfg.model)
+
+
+def start(serve_cfg: ServeConfig, model_cfg: ModelConfig) -> str:
+    """Start Serve's HTTP proxy on ``host:port`` and deploy the app (Ray must be initialised); returns the URL."""
+    serve.start(
+        http_options={
+            "host": serve_cfg.host,
+            "port": serve_cfg.port,
+            "request_timeout_s": serve_cfg.request_timeout_s,
+        }
+    )
+    serve.run(build_app(serve_cfg, model_cfg), name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{serve_cfg.host}:{serve_cfg.port}/"
+
+
+def serve_forever(serve_cfg: ServeConfig, model_cfg: ModelConfig, *, ready: Any = None) -> None:
+    """`sdray serve`: start Ray (local, or the cluster in RAY_ADDRESS), deploy, block until interrupted."""
+    import ray
+
+    ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    try:
+        url = start(serve_cfg, model_cfg)
+        if ready is not None:
+            ready(url)
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
