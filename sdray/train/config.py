@@ -3,33 +3,142 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from sdray.errors import ConfigError
+
+PredictionType = Literal["", "epsilon", "v_prediction"]
+MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
+LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class LossConfig:
+    """The objective's options, taken from TrainConfig (see its field docs)."""
+
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    caption_dropout: float = 0.0
+    sample_posterior: bool = True
 
 
 @dataclass(kw_only=True, frozen=True)
 class TrainConfig:
     data: str = ""
-    """Latent cache written by `sdray preprocess`."""
+    """Latent cache written by `sdray preprocess` (local directory or s3:// URI)."""
     output: str = ""
-    """Run directory: checkpoints, metrics, validation images, exported model."""
+    """Run directory (local or s3://): checkpoints, metrics, validation images, exported model."""
+    storage_path: str = ""
+    """Where Ray Train keeps checkpoints; empty means `<output>/ray`."""
     num_workers: int = 1
     """Ray Train workers (DDP processes)."""
     use_gpu: bool = False
     """One GPU per worker."""
+    cpus_per_worker: int = 1
+    """CPUs Ray reserves for each training worker."""
+    torch_threads: int = 1
+    """torch intra-op threads per worker; at tiny sizes two 1-thread workers beat one 2-thread worker."""
     batch_size: int = 16
-    """Examples per worker per step."""
+    """Examples per worker per micro-batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (global batch = batch_size x grad_accum_steps x num_workers)."""
     learning_rate: float = 1e-4
     """Peak AdamW learning rate."""
+    weight_decay: float = 1e-2
+    """AdamW decoupled weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
+    lr_schedule: LrSchedule = "constant_with_warmup"
+    """diffusers `get_scheduler` name."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear LR warmup."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still reported)."""
     max_steps: int = 100
-    """Optimizer steps to train."""
+    """Optimizer steps to train (a resumed run continues up to this step)."""
     seed: int = 0
     """Seed of noise, timesteps, dropout and data order."""
+    mixed_precision: MixedPrecision = "auto"
+    """Autocast dtype: `auto` = bf16 on GPU, fp32 on CPU; `fp16` uses a gradient scaler; CPU is always fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in the backward pass (less memory, ~30% slower)."""
+    prediction_type: PredictionType = ""
+    """Training target: `epsilon` or `v_prediction`; empty uses the model's scheduler setting."""
+    snr_gamma: float = 0.0
+    """Min-SNR-gamma loss weighting (https://arxiv.org/abs/2303.09556); 5.0 is the paper's value, 0 = off."""
+    noise_offset: float = 0.0
+    """Std of a per-channel constant added to the noise (https://www.crosslabs.org/blog/diffusion-with-offset-noise)."""
+    caption_dropout: float = 0.0
+    """Probability of replacing a caption with the stored empty-caption embedding (for classifier-free guidance)."""
+    sample_posterior: bool = True
+    """Sample latents from the stored VAE posterior (mean + std * noise) when the cache has std."""
+    ema: bool = True
+    """Keep an exponential moving average of the UNet weights (exported and used for validation)."""
+    ema_decay: float = 0.9999
+    """Largest EMA decay; with warmup the decay grows from 0 toward this."""
+    ema_warmup: bool = True
+    """EMA warmup (decay = 1 - (1 + step) ** -2/3), so short runs still get a useful average."""
+    shuffle_buffer: int = 256
+    """Rows in each worker's local shuffle buffer (seeded per epoch); 0 keeps the file order."""
+    log_every: int = 1
+    """Report metrics to Ray and the metrics file every this many steps."""
+    checkpoint_every: int = 50
+    """Write a Ray Train checkpoint every this many steps (and at the last step)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (the most recent ones)."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint before the run fails (Ray FailureConfig)."""
+    validate_every: int = 0
+    """Save a validation image grid every this many steps; 0 = only at the end; -1 = never."""
+    validation_prompts: tuple[str, ...] = (
+        "a large red circle in the top left on a black background",
+        "a large blue square in the bottom right on a black background",
+    )
+    """Prompts of the validation grid (one row each)."""
+    validation_seeds: tuple[int, ...] = (0, 1)
+    """Seeds of the validation grid (one column each)."""
+    validation_steps: int = 20
+    """Sampler steps per validation image."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance scale of the validation images."""
+    resolution: int = 0
+    """Expected cache resolution in pixels; 0 = the UNet's native size (sample_size x VAE downsample)."""
+    export: bool = True
+    """Export a diffusers model directory to `<output>/model` at the end."""
+    export_ema: bool = True
+    """Export the EMA weights (else the raw weights)."""
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ConfigError(f"num_workers must be >= 1, got {self.num_workers}")
-        if self.batch_size < 1 or self.max_steps < 1:
-            raise ConfigError("batch_size and max_steps must be >= 1")
+        positive = ("num_workers", "cpus_per_worker", "torch_threads", "batch_size", "grad_accum_steps")
+        for name in (*positive, "max_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        for name in ("snr_gamma", "noise_offset", "max_grad_norm", "warmup_steps", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.validate_every < -1 or self.shuffle_buffer < 0 or self.resolution < 0:
+            raise ConfigError("validate_every must be >= -1; shuffle_buffer and resolution >= 0")
+        if self.validate_every >= 0 and not (self.validation_prompts and self.validation_seeds):
+            raise ConfigError(
+                "validation needs validation_prompts and validation_seeds (or validate_every: -1)"
+            )
+
+    def loss_config(self, scheduler_prediction_type: str) -> LossConfig:
+        """The loss options; an empty `prediction_type` takes the scheduler's."""
+        target = self.prediction_type or scheduler_prediction_type
+        if target not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"prediction_type {target!r} is not supported (epsilon, v_prediction)")
+        return LossConfig(
+            prediction_type=target,  # type: ignore[arg-type]
+            snr_gamma=self.snr_gamma,
+            noise_offset=self.noise_offset,
+            caption_dropout=self.caption_dropout,
+            sample_posterior=self.sample_posterior,
+        )

@@ -1,0 +1,130 @@
+"""Open a latent cache (written by `sdray preprocess`) as a Ray Dataset, refusing caches the model cannot use.
+
+Everything goes through pyarrow file systems, so a cache on s3:// is read the same way as a local one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from sdray.data import cache
+from sdray.errors import InputError
+from sdray.train import storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, frozen=True)
+class ExpectedCache:
+    """What the model being trained needs from a cache."""
+
+    encoder_fingerprint: str
+    """Fingerprint of the model's VAE + text encoder (sdray.models.fingerprint)."""
+    resolution: int
+    """Image side in pixels the UNet is trained at."""
+    latent_channels: int
+    """UNet in_channels."""
+    text_embed_dim: int
+    """UNet cross_attention_dim."""
+    model_source: str = ""
+    """Where the model comes from, for messages."""
+
+
+@dataclass(frozen=True)
+class LatentCache:
+    """An opened cache: the lazily read rows, its metadata and the empty-caption embedding."""
+
+    dataset: object  # ray.data.Dataset of the tensor columns, each (prod(shape),) float16 per row
+    info: cache.CacheInfo
+    empty_caption: np.ndarray  # (77, D) float16
+    num_rows: int
+
+
+def read_info(path: str) -> cache.CacheInfo:
+    """CacheInfo from ``<path>/_cache.json``; a missing directory or file is an InputError naming it."""
+    if not storage.exists(path):
+        raise InputError(f"latent cache {path} does not exist; write one with `sdray preprocess`")
+    info_uri = storage.join(path, cache.INFO_FILE)
+    if not storage.exists(info_uri):
+        raise InputError(
+            f"{path}: not a latent cache (no {cache.INFO_FILE}); write one with `sdray preprocess`"
+        )
+    return cache.CacheInfo.from_json(storage.read_bytes(info_uri).decode(), where=info_uri)
+
+
+def read_empty_caption(path: str, info: cache.CacheInfo) -> np.ndarray:
+    """The stored (77, D) float16 embedding of the empty caption."""
+    from safetensors.numpy import load
+
+    uri = storage.join(path, cache.EMPTY_CAPTION_FILE)
+    if not storage.exists(uri):
+        raise InputError(f"{path}: missing {cache.EMPTY_CAPTION_FILE} (needed for caption dropout)")
+    embeds = load(storage.read_bytes(uri))[cache.EMPTY_CAPTION_KEY]
+    if tuple(embeds.shape) != tuple(info.text_embeds_shape):
+        raise InputError(f"{uri}: shape {embeds.shape}, expected {info.text_embeds_shape}")
+    return embeds
+
+
+def check_compatible(info: cache.CacheInfo, expected: ExpectedCache, *, where: str) -> None:
+    """Raise InputError, stating both values, if the cache was made for another model or resolution."""
+    if info.encoder_fingerprint != expected.encoder_fingerprint:
+        raise InputError(
+            f"{where}: cache was encoded with encoders {info.encoder_fingerprint[:16]}... "
+            f"({info.model_source or 'unknown source'}), but the model config has encoders "
+            f"{expected.encoder_fingerprint[:16]}... ({expected.model_source}); re-run `sdray preprocess` "
+            "with this model config"
+        )
+    if info.resolution != expected.resolution:
+        raise InputError(
+            f"{where}: cache resolution is {info.resolution}px but training expects {expected.resolution}px "
+            "(set train.resolution or re-run `sdray preprocess` at that resolution)"
+        )
+    if info.latent_shape[0] != expected.latent_channels:
+        raise InputError(
+            f"{where}: cache latents have {info.latent_shape[0]} channels, the UNet expects "
+            f"{expected.latent_channels}"
+        )
+    if info.text_embeds_shape[1] != expected.text_embed_dim:
+        raise InputError(
+            f"{where}: cache text embeddings have width {info.text_embeds_shape[1]}, the UNet's "
+            f"cross_attention_dim is {expected.text_embed_dim}"
+        )
+
+
+def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
+    """Validate the cache at ``path`` against ``expected`` and open its tensor columns with Ray Data.
+
+    Rows are not loaded here: the dataset streams shards when a consumer iterates it.
+    """
+    import ray.data
+
+    info = read_info(path)
+    check_compatible(info, expected, where=path)
+    empty = read_empty_caption(path, info)
+    columns = list(cache.tensor_columns(info))
+    fs, root = storage.resolve(path)
+    shards = [
+        f.path
+        for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if f.type == pafs.FileType.File
+        and f.base_name.endswith(".parquet")
+        and not f.base_name.startswith(("_", "."))
+    ]
+    if not shards:
+        raise InputError(f"{path}: latent cache has no parquet shards (empty data set)")
+    dataset = ray.data.read_parquet(sorted(shards), filesystem=fs, columns=columns)
+    num_rows = dataset.count()
+    if num_rows == 0:
+        raise InputError(f"{path}: latent cache has 0 rows (empty data set)")
+    log.info(
+        "latent cache %s: %d rows, latents %s, text %s",
+        path,
+        num_rows,
+        info.latent_shape,
+        info.text_embeds_shape,
+    )
+    return LatentCache(dataset=dataset, info=info, empty_caption=empty, num_rows=num_rows)

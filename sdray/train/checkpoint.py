@@ -1,0 +1,117 @@
+"""Training checkpoints: a directory per save, reported to Ray Train, which keeps the last K in storage.
+
+Layout of one checkpoint (Ray merges the files every rank reports into one directory):
+
+    training_state.pt    shared TrainingState.state_dict() (rank 0): unet, optimizer, lr schedule, EMA, step,
+                         data position, metric history
+    rng-rank{R}.pt       each rank's RNG states
+    run.yaml             the resolved train + model config
+    cache_info.json      CacheInfo of the data trained on
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sdray.config import from_dict, to_dict
+from sdray.data.cache import CacheInfo
+from sdray.errors import InputError
+from sdray.models.config import ModelConfig
+from sdray.train.config import TrainConfig
+from sdray.train.state import TrainingState
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.pt"
+RUN_FILE = "run.yaml"
+INFO_FILE = "cache_info.json"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-step-{step:08d}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The configs a worker runs with; saved in every checkpoint so export needs nothing else."""
+
+    train: TrainConfig
+    model: ModelConfig
+    info: CacheInfo
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": to_dict(self.train), "model": to_dict(self.model), "cache_info": to_dict(self.info)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        info = dict(data["cache_info"])
+        info["latent_shape"] = tuple(info["latent_shape"])
+        info["text_embeds_shape"] = tuple(info["text_embeds_shape"])
+        return cls(
+            train=from_dict(TrainConfig, data["train"], where="train"),
+            model=from_dict(ModelConfig, data["model"], where="model"),
+            info=CacheInfo(**info),
+        )
+
+
+def write_checkpoint_dir(out: Path, state: TrainingState, spec: RunSpec, rank: int) -> None:
+    """Write this rank's share of a checkpoint into ``out`` (a local temp directory)."""
+    if rank == 0:
+        torch.save(state.state_dict(), out / STATE_FILE)
+        (out / RUN_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        (out / INFO_FILE).write_text(spec.info.to_json())
+    torch.save(state.rng_state_dict(), out / rng_file(rank))
+
+
+def save(state: TrainingState, spec: RunSpec, rank: int, metrics: dict[str, Any]) -> None:
+    """Report ``metrics`` with a checkpoint of ``state`` (every rank must call this; it is a barrier)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="sdray-ckpt-") as tmp:
+        write_checkpoint_dir(Path(tmp), state, spec, rank)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=checkpoint_name(state.step),
+        )
+    log.info("rank %d: checkpoint at step %d", rank, state.step)
+
+
+def load_into(directory: str | Path, state: TrainingState, rank: int) -> None:
+    """Restore ``state`` from a checkpoint directory; a rank without saved RNG gets a fresh seeded one."""
+    directory = Path(directory)
+    device = next(state.unet.parameters()).device
+    shared = torch.load(directory / STATE_FILE, map_location=device, weights_only=True)
+    rng_path = directory / rng_file(rank)
+    rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
+    state.load_state_dict(shared, rng)
+    if rng is None:  # the run was resumed with more workers than it was saved with
+        log.warning("rank %d: no RNG state in %s; reseeding from the step", rank, directory)
+        state.generator.manual_seed(state.step * 7919 + rank)
+
+
+def read_spec(directory: str | Path) -> RunSpec:
+    """The RunSpec saved in a checkpoint directory."""
+    path = Path(directory) / RUN_FILE
+    if not path.is_file():
+        raise InputError(f"{directory}: not an sdray training checkpoint (no {RUN_FILE})")
+    return RunSpec.from_dict(yaml.safe_load(path.read_text()))
+
+
+def read_shared_state(directory: str | Path) -> dict[str, Any]:
+    """The shared TrainingState dict on the CPU (for export)."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise InputError(f"{directory}: checkpoint has no {STATE_FILE}")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,62 @@
+"""Export a training checkpoint as a diffusers-format model directory (safetensors).
+
+The directory holds the trained UNet (EMA weights by default) plus the frozen tokenizer, text encoder, VAE
+and a noise scheduler whose prediction type matches the training target, so `StableDiffusionPipeline
+.from_pretrained(dir)` and the serving stage load it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import yaml
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+
+from sdray.models.components import load_components, save_components
+from sdray.train import checkpoint, storage
+from sdray.train.validation import FROZEN_PARTS
+
+log = logging.getLogger(__name__)
+
+TRAIN_INFO_FILE = "sdray_train.yaml"
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out_uri: str, *, use_ema: bool = True) -> str:
+    """Write the model of the local checkpoint directory ``checkpoint_dir`` to ``out_uri`` (local or s3://).
+
+    Returns:
+        ``out_uri``.
+    """
+    spec = checkpoint.read_spec(checkpoint_dir)
+    state = checkpoint.read_shared_state(checkpoint_dir)
+    components = load_components(spec.model, (*FROZEN_PARTS, "unet"))
+    unet: UNet2DConditionModel = components.unet
+    unet.load_state_dict(state["unet"])
+    if use_ema and state["ema"] is not None:
+        ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
+        ema.load_state_dict(state["ema"])
+        ema.copy_to(unet.parameters())
+    target = spec.train.loss_config(components.scheduler.config.prediction_type).prediction_type
+    components.scheduler = DDPMScheduler.from_config(components.scheduler.config, prediction_type=target)
+    with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp:
+        local = save_components(components, Path(tmp) / "model")
+        info = {"step": state["step"], "weights": "ema" if use_ema and state["ema"] is not None else "raw"}
+        (local / TRAIN_INFO_FILE).write_text(yaml.safe_dump({**info, **spec.to_dict()}, sort_keys=False))
+        storage.upload_dir(str(local), out_uri)
+    log.info("exported step %d (%s weights) to %s", state["step"], info["weights"], out_uri)
+    return out_uri
+
+
+def export_from_uri(checkpoint_uri: str, out_uri: str, *, use_ema: bool = True) -> str:
+    """Export from a checkpoint anywhere Ray Train can read it (a local directory or a storage URI)."""
+    from ray.train import Checkpoint
+
+    if not storage.exists(checkpoint_uri):
+        from sdray.errors import InputError
+
+        raise InputError(f"checkpoint {checkpoint_uri} does not exist")
+    with Checkpoint(storage.absolute(checkpoint_uri)).as_directory() as local:
+        return export_checkpoint(local, out_uri, use_ema=use_ema)

@@ -1,0 +1,213 @@
+"""The per-worker training function that Ray Train runs on every worker (numbered sections, top to bottom).
+
+Data order and resume: each worker streams its shard of the cache with `iter_torch_batches`, shuffled within
+a local buffer seeded by (seed, epoch, rank). A checkpoint records the epoch and how many micro-batches of
+it were consumed; on resume the worker re-reads that epoch and skips those batches. With one worker the
+cache is read in file order, so a resumed run sees exactly the batches an uninterrupted run would (and,
+with the RNG states restored, reports identical losses). With several workers Ray splits blocks between
+workers dynamically, so after a resume a worker's skipped batches may differ from the ones it trained on:
+within the interrupted epoch some rows can be seen twice and others not at all; later epochs are whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sdray.data.reader import read_empty_caption
+from sdray.models.components import load_components
+from sdray.train import checkpoint, metrics, storage
+from sdray.train.checkpoint import RunSpec
+from sdray.train.config import TrainConfig
+from sdray.train.loss import diffusion_loss, draw_noise, prepare_batch
+from sdray.train.state import TrainingState, build_state
+
+log = logging.getLogger(__name__)
+
+DIVERGED_FILE = "diverged.json"
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 (or fp16) autocast on a GPU; plain fp32 on the CPU, where autocast gains nothing."""
+    if device.type != "cuda" or cfg.mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16)
+
+
+def micro_batches(shard, cfg: TrainConfig, state: TrainingState, rank: int) -> Iterator[dict]:
+    """Endless micro-batches of this worker's shard, epoch after epoch; keeps the data position in ``state``."""
+    skip = state.batches_in_epoch
+    while True:
+        seen = 0
+        for raw in shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            drop_last=True,  # every step sees full, equal batches on every rank
+            prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=(cfg.seed * 1000 + state.epoch) * 100 + rank if cfg.shuffle_buffer else None,
+        ):
+            seen += 1
+            if seen <= skip:
+                continue
+            state.batches_in_epoch = seen
+            yield raw
+        if seen == 0:
+            raise RuntimeError(f"rank {rank}: shard has fewer than batch_size={cfg.batch_size} rows")
+        skip = 0
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+
+@dataclass
+class StepRunner:
+    """One optimizer step: grad-accumulated forward/backward, clip, AdamW, LR schedule, EMA."""
+
+    spec: RunSpec
+    state: TrainingState
+    model: torch.nn.Module  # DDP-wrapped when world > 1
+    scheduler: object
+    empty_caption: torch.Tensor  # (77, D) on device
+    device: torch.device
+    world: int
+
+    def step(self, batches: Iterator[dict]) -> tuple[float, float, float]:
+        """Run one step; returns (loss averaged over ranks, grad norm, seconds waited for data)."""
+        cfg, state = self.spec.train, self.state
+        loss_cfg = cfg.loss_config(self.scheduler.config.prediction_type)
+        total, waited = torch.zeros((), device=self.device), 0.0
+        for micro in range(cfg.grad_accum_steps):
+            start = time.perf_counter()
+            raw = next(batches)
+            waited += time.perf_counter() - start
+            batch = prepare_batch(raw, self.spec.info, self.empty_caption, loss_cfg, state.generator)
+            draw = draw_noise(batch.latents, self.scheduler, loss_cfg, state.generator)
+            last = micro == cfg.grad_accum_steps - 1
+            no_sync = self.model.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+            with no_sync, autocast(cfg, self.device):
+                loss = diffusion_loss(self.model, self.scheduler, batch, loss_cfg, draw)
+            with no_sync:
+                state.scaler.scale(loss / cfg.grad_accum_steps).backward()
+            total += loss.detach() / cfg.grad_accum_steps
+        if self.world > 1:  # every rank sees the same loss, so all stop together on NaN
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            total /= self.world
+        state.scaler.unscale_(state.optimizer)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if torch.isfinite(total):
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            state.lr_scheduler.step()
+            if state.ema is not None:
+                state.ema.step(state.unet.parameters())
+        state.optimizer.zero_grad(set_to_none=True)
+        return float(total), float(grad_norm), waited
+
+
+def _publish(spec: RunSpec, state: TrainingState, rank: int, *, curve: bool) -> None:
+    """Rank 0 rewrites the metrics file (and the loss curve) from the state's history."""
+    if rank == 0 and state.history:
+        metrics.write_metrics(spec.train.output, state.history)
+        if curve:
+            metrics.write_loss_curve(spec.train.output, state.history)
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train entry: ``config`` is RunSpec.to_dict() (train + model config and cache metadata)."""
+    spec = RunSpec.from_dict(config)
+    cfg = spec.train
+    import ray.train
+    import ray.train.torch
+
+    # 1. Process setup: threads, rank, device.
+    torch.set_num_threads(cfg.torch_threads)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    # 2. Model, optimizer, LR schedule, EMA; resume from the latest checkpoint if Ray has one.
+    state = build_state(cfg, spec.model, device, rank)
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as directory:
+            checkpoint.load_into(directory, state, rank)
+        log.info(
+            "rank %d: resumed at step %d (epoch %d, batch %d)",
+            rank,
+            state.step,
+            state.epoch,
+            state.batches_in_epoch,
+        )
+    model = ray.train.torch.prepare_model(state.unet)
+    scheduler = load_components(spec.model, ["scheduler"]).scheduler
+    empty = torch.from_numpy(read_empty_caption(cfg.data, spec.info)).to(device)
+    runner = StepRunner(spec, state, model, scheduler, empty, device, world)
+
+    # 3. Data: this worker's shard, streamed.
+    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, state, rank)
+    validator = None
+    if rank == 0 and cfg.validate_every >= 0:
+        from sdray.train.validation import Validator
+
+        validator = Validator(cfg, spec.model, runner_target(runner), device)
+    samples_per_step = cfg.batch_size * cfg.grad_accum_steps * world
+
+    # 4. Training loop: step, record, report, checkpoint, validate.
+    while state.step < cfg.max_steps:
+        start = time.perf_counter()
+        loss, grad_norm, waited = runner.step(batches)
+        if not math.isfinite(loss):
+            _stop_diverged(spec, state, rank, loss)
+            return
+        state.step += 1
+        timing = {
+            "step_time_s": time.perf_counter() - start,
+            "data_wait_s": waited,
+            "samples": samples_per_step,
+        }
+        row = metrics.step_row(
+            step=state.step,
+            epoch=state.epoch,
+            loss=loss,
+            lr=state.lr_scheduler.get_last_lr()[0],
+            grad_norm=grad_norm,
+            timing=timing,
+        )
+        state.history.append(row)
+        last = state.step == cfg.max_steps
+        if state.step % cfg.checkpoint_every == 0 or last:
+            _publish(spec, state, rank, curve=True)
+            checkpoint.save(state, spec, rank, row)
+        elif state.step % cfg.log_every == 0:
+            _publish(spec, state, rank, curve=False)
+            ray.train.report(row)
+        if validator is not None and (
+            last or (cfg.validate_every > 0 and state.step % cfg.validate_every == 0)
+        ):
+            validator.save(
+                state.unet, state.ema, step=state.step, run_uri=cfg.output, resolution=spec.info.resolution
+            )
+
+    # 5. End: the last step was checkpointed in the loop; publish the final metrics and loss curve.
+    _publish(spec, state, rank, curve=True)
+
+
+def runner_target(runner: StepRunner) -> str:
+    return runner.spec.train.loss_config(runner.scheduler.config.prediction_type).prediction_type
+
+
+def _stop_diverged(spec: RunSpec, state: TrainingState, rank: int, loss: float) -> None:
+    """Record where the loss became non-finite and stop this worker without checkpointing the bad state."""
+    log.error("rank %d: loss is %s at step %d; stopping", rank, loss, state.step + 1)
+    if rank == 0:
+        _publish(spec, state, rank, curve=True)
+        status = {"step": state.step + 1, "loss": str(loss), "last_good_step": state.step}
+        storage.write_bytes(storage.join(spec.train.output, DIVERGED_FILE), json.dumps(status).encode())

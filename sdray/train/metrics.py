@@ -1,0 +1,77 @@
+"""Training metrics: one row per step, written as JSON lines beside the run, plus a loss-curve PNG."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sdray.train import storage
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_CURVE_FILE = "loss_curve.png"
+
+
+def step_row(
+    *, step: int, epoch: int, loss: float, lr: float, grad_norm: float, timing: dict[str, float]
+) -> dict:
+    """One metrics row. ``timing``: step_time_s, data_wait_s (seconds) and samples (global examples)."""
+    step_time = max(timing["step_time_s"], 1e-9)
+    return {
+        "step": step,
+        "epoch": epoch,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "samples_per_s": timing["samples"] / step_time,
+        "step_time_s": step_time,
+        "data_wait_s": timing["data_wait_s"],
+        "data_wait_frac": timing["data_wait_s"] / step_time,
+    }
+
+
+def write_metrics(run_uri: str, history: Sequence[dict[str, Any]]) -> str:
+    """Rewrite ``<run>/metrics.jsonl`` from the history (so a resumed run never lists a step twice)."""
+    text = "".join(json.dumps(row) + "\n" for row in history)
+    return storage.write_bytes(storage.join(run_uri, METRICS_FILE), text.encode())
+
+
+def read_metrics(run_uri: str) -> list[dict[str, Any]]:
+    raw = storage.read_bytes(storage.join(run_uri, METRICS_FILE)).decode()
+    return [json.loads(line) for line in raw.splitlines() if line.strip()]
+
+
+def loss_curve_png(history: Sequence[dict[str, Any]], *, smooth: int = 20) -> bytes:
+    """A PNG of the loss per step with a moving average of ``smooth`` steps, and the LR on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in history]
+    losses = [row["loss"] for row in history]
+    window = max(1, min(smooth, len(losses) // 5 or 1))
+    averaged = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
+    ax.plot(steps, averaged, color="tab:blue", linewidth=2, label=f"loss, {window}-step mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    lr_ax = ax.twinx()
+    lr_ax.plot(steps, [row["lr"] for row in history], color="tab:orange", linewidth=1, label="lr")
+    lr_ax.set_ylabel("learning rate")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_loss_curve(run_uri: str, history: Sequence[dict[str, Any]]) -> str:
+    return storage.write_bytes(storage.join(run_uri, LOSS_CURVE_FILE), loss_curve_png(history))

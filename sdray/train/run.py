@@ -1,0 +1,162 @@
+"""Stage 2's one library function: train the UNet on a latent cache with Ray Train, then export the model.
+
+Restarting with the same `train.output` resumes: Ray Train finds its run snapshot under the storage path and
+hands the latest checkpoint to every worker (`ray.train.get_checkpoint()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sdray.data.reader import ExpectedCache, open_cache
+from sdray.errors import ConfigError, InputError, SdrayError
+from sdray.models.config import ModelConfig
+from sdray.models.presets import PRESETS
+from sdray.train import storage
+from sdray.train.checkpoint import RunSpec
+from sdray.train.config import TrainConfig
+from sdray.train.loop import DIVERGED_FILE, train_worker
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "train"
+CONFIG_FILE = "train_config.yaml"
+MODEL_DIR = "model"
+
+
+class TrainingDiverged(SdrayError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output: str
+    """The run directory (absolute path or URI)."""
+    step: int
+    """Optimizer steps completed."""
+    checkpoint: str | None
+    """Path of the latest checkpoint inside the storage file system."""
+    model: str | None
+    """The exported diffusers directory, if exported."""
+    metrics: dict[str, Any]
+    """The metrics row of the last checkpointed step."""
+
+
+def _arch(model_cfg: ModelConfig, part: str) -> dict[str, Any]:
+    """The constructor config of ``part`` without building it."""
+    if model_cfg.path:
+        file = Path(model_cfg.path) / part / "config.json"
+        if not file.is_file():
+            raise InputError(f"model.path {model_cfg.path}: no {part}/config.json")
+        return json.loads(file.read_text())
+    return {**PRESETS[model_cfg.preset][part], **getattr(model_cfg, part)}
+
+
+def expected_cache(cfg: TrainConfig, model_cfg: ModelConfig) -> ExpectedCache:
+    """What the model needs from a cache; builds the encoders once to fingerprint them."""
+    from sdray.models.components import load_components
+    from sdray.models.fingerprint import encoder_fingerprint
+
+    encoders = load_components(model_cfg, ("tokenizer", "text_encoder", "vae"))
+    unet = _arch(model_cfg, "unet")
+    return ExpectedCache(
+        encoder_fingerprint=encoder_fingerprint(encoders),
+        resolution=cfg.resolution or int(unet["sample_size"]) * encoders.vae_downsample,
+        latent_channels=int(unet["in_channels"]),
+        text_embed_dim=int(unet["cross_attention_dim"]),
+        model_source=model_cfg.source,
+    )
+
+
+def _trainer(spec: RunSpec, dataset: Any):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = spec.train
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = (
+        True  # deterministic file order, so a resumed single worker replays its data exactly
+    )
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=spec.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=cfg.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(execution_options=ingest),
+    )
+
+
+def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
+    """Train (or resume) the run in ``cfg.output`` and export the model; see docs/train.md."""
+    # 1. Resolve paths: absolute local paths or URIs, the same strings on every node.
+    if not cfg.data or not cfg.output:
+        raise ConfigError("train.data (a latent cache) and train.output (the run directory) are required")
+    output = storage.absolute(cfg.output)
+    cfg = dataclasses.replace(
+        cfg,
+        data=storage.absolute(cfg.data),
+        output=output,
+        storage_path=storage.absolute(cfg.storage_path or storage.join(output, "ray")),
+    )
+
+    # 2. Open the cache and refuse one made for another model or too small for one step.
+    cache = open_cache(cfg.data, expected_cache(cfg, model_cfg))
+    needed = cfg.batch_size * cfg.num_workers
+    if cache.num_rows < needed:
+        raise InputError(
+            f"{cfg.data}: {cache.num_rows} rows, but one step needs batch_size x num_workers = {needed}"
+        )
+    spec = RunSpec(train=cfg, model=model_cfg, info=cache.info)
+    storage.write_bytes(
+        storage.join(output, CONFIG_FILE), yaml.safe_dump(spec.to_dict(), sort_keys=False).encode()
+    )
+
+    # 3. Fit; Ray restarts failed workers from the last checkpoint (FailureConfig).
+    diverged_uri = storage.join(output, DIVERGED_FILE)
+    if storage.exists(
+        diverged_uri
+    ):  # left by an earlier attempt; this one starts from its last good checkpoint
+        fs, path = storage.resolve(diverged_uri)
+        fs.delete_file(path)
+    result = _trainer(spec, cache.dataset).fit()
+    latest = result.checkpoint
+    if storage.exists(diverged_uri):
+        status = json.loads(storage.read_bytes(diverged_uri))
+        kept = f"last good checkpoint: {latest.path}" if latest else "no checkpoint was written"
+        raise TrainingDiverged(
+            f"loss became {status['loss']} at step {status['step']}; training stopped ({kept}, "
+            f"step {result.metrics.get('step') if latest else 0}). Lower train.learning_rate and rerun to resume."
+        )
+
+    # 4. Export the final weights as a diffusers model directory.
+    model_uri = None
+    if cfg.export and latest is not None:
+        from sdray.train.export import export_checkpoint
+
+        with latest.as_directory() as directory:
+            model_uri = export_checkpoint(directory, storage.join(output, MODEL_DIR), use_ema=cfg.export_ema)
+    step = int(result.metrics.get("step", 0)) if result.metrics else 0
+    return TrainResult(
+        output=output,
+        step=step,
+        checkpoint=latest.path if latest else None,
+        model=model_uri,
+        metrics=dict(result.metrics or {}),
+    )

@@ -1,0 +1,110 @@
+"""TrainingState: everything a resumed run needs, as one object with state_dict()/load_state_dict().
+
+The shared part (UNet, optimizer, LR schedule, EMA, gradient scaler, step, data position, metric history) is
+identical on every DDP rank; the RNG part (this worker's noise generator and torch's global RNG) differs per
+rank and is saved per rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from sdray.models.components import load_components
+from sdray.models.config import ModelConfig
+from sdray.train.config import TrainConfig
+
+
+@dataclass
+class TrainingState:
+    unet: UNet2DConditionModel
+    """The plain module (not the DDP wrapper), on the training device."""
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EMAModel | None
+    scaler: torch.amp.GradScaler
+    """Loss scaling for fp16 autocast; disabled (a no-op) otherwise."""
+    generator: torch.Generator
+    """This worker's draws: posterior samples, caption dropout, noise, timesteps (CPU, seeded by rank)."""
+    step: int = 0
+    """Optimizer steps completed."""
+    epoch: int = 0
+    """Passes over this worker's shard started before the current one."""
+    batches_in_epoch: int = 0
+    """Micro-batches of the current epoch already consumed (skipped again on resume)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One metrics row per completed step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Shared state; see `rng_state_dict` for the per-rank part."""
+        return {
+            "unet": self.unet.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "history": list(self.history),
+        }
+
+    def rng_state_dict(self) -> dict[str, Any]:
+        state = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], rng: dict[str, Any] | None = None) -> None:
+        self.unet.load_state_dict(state["unet"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+            self.ema.to(next(self.unet.parameters()).device)
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batches_in_epoch = int(state["batches_in_epoch"])
+        self.history = list(state["history"])
+        if rng is not None:
+            self.generator.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+
+
+def build_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, rank: int) -> TrainingState:
+    """A fresh state: UNet from the model config (identical on every rank), AdamW, warmup schedule, EMA."""
+    torch.manual_seed(cfg.seed * 1000 + rank)  # global RNG: dropout, if the UNet has any
+    unet = load_components(model_cfg, ["unet"]).unet.to(device)
+    unet.train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
+    )
+    lr_scheduler = get_scheduler(
+        cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+    )
+    ema = None
+    if cfg.ema:
+        ema = EMAModel(
+            unet.parameters(),
+            decay=cfg.ema_decay,
+            use_ema_warmup=cfg.ema_warmup,
+            model_cls=UNet2DConditionModel,
+            model_config=unet.config,
+        )
+        ema.to(device)
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=cfg.mixed_precision == "fp16" and device.type == "cuda"
+    )
+    generator = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + 17 + rank)
+    return TrainingState(
+        unet=unet, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, scaler=scaler, generator=generator
+    )

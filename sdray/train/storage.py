@@ -1,0 +1,69 @@
+"""Paths as strings: local directories and object-store URIs (s3://, gs://) through pyarrow file systems.
+
+The training library never assumes a local path; every file it writes outside a checkpoint goes through here.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pyarrow.fs as pafs
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(file system, path inside it) for a local path or a URI such as ``s3://bucket/run``."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def absolute(uri: str) -> str:
+    """``uri`` unchanged if it is a URI, else the absolute local path (Ray Train needs one)."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> str:
+    """Write ``data`` to ``uri``: on a local disk via a temp file renamed into place; object stores are atomic."""
+    fs, path = resolve(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    is_local = isinstance(fs, pafs.LocalFileSystem)
+    tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.tmp-{uuid.uuid4().hex[:8]}" if is_local else path
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    if is_local:
+        fs.move(tmp, path)
+    return uri
+
+
+def upload_dir(local_dir: str, uri: str) -> str:
+    """Copy a local directory to ``uri`` (replacing what is there); local targets are renamed into place."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        import shutil
+
+        from sdray.io import atomic_dir
+
+        with atomic_dir(path, overwrite=True) as tmp:
+            shutil.copytree(local_dir, tmp, dirs_exist_ok=True)
+        return uri
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+    pafs.copy_files(local_dir, path, destination_filesystem=fs)
+    return uri
