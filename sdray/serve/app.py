@@ -55,6 +55,8 @@ class SDModel:
         self.generate_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.failures = 0
+        self.batches = 0
+        self.largest_batch = 0
         log.info("SDModel ready: %s, batches of <= %d", self.sampler.info, self.cfg.max_batch_size)
 
     def info(self) -> ModelInfo:
@@ -62,6 +64,10 @@ class SDModel:
 
     def health(self) -> str:
         return "ok"
+
+    def stats(self) -> dict[str, int]:
+        """Batches run and the most requests seen in one batch (tests and benchmarks read this)."""
+        return {"batches": self.batches, "largest_batch": self.largest_batch}
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising makes Serve replace the replica."""
@@ -85,6 +91,8 @@ class SDModel:
             self.failures += 1
             raise
         self.failures = 0
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(requests))
         return [[to_png(image) for image in per_request] for per_request in images]
 
 
@@ -126,9 +134,18 @@ class SDIngress:
         return await self.model.generate.remote(req)
 
 
-def build_app(serve_cfg: ServeConfig, model_cfg: ModelConfig) -> serve.Application:
-    """The bound application, deployment options taken from ``serve_cfg``."""
+def build_app(
+    serve_cfg: ServeConfig, model_cfg: ModelConfig, *, api_key: str | None = None
+) -> serve.Application:
+    """The bound application, deployment options taken from ``serve_cfg``.
+
+    ``api_key``, when given, reaches the ingress replicas as ``serve_cfg.api_key_env`` in their runtime_env;
+    otherwise they read that variable from their own environment (e.g. set on the cluster's nodes).
+    """
     s, m = to_dict(serve_cfg), to_dict(model_cfg)
+    ingress_options: dict[str, Any] = {"num_cpus": 0}
+    if api_key:
+        ingress_options["runtime_env"] = {"env_vars": {serve_cfg.api_key_env: api_key}}
     model = SDModel.options(
         autoscaling_config={
             "min_replicas": serve_cfg.min_replicas,
@@ -144,7 +161,7 @@ def build_app(serve_cfg: ServeConfig, model_cfg: ModelConfig) -> serve.Applicati
     ).bind(s, m)
     ingress = SDIngress.options(
         max_ongoing_requests=serve_cfg.ingress_max_ongoing_requests,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=ingress_options,
     )
     return ingress.bind(model, s, m)
 
@@ -157,8 +174,12 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     return build_app(cfg.serve, cfg.model)
 
 
-def start(serve_cfg: ServeConfig, model_cfg: ModelConfig) -> str:
-    """Start Serve's HTTP proxy on ``host:port`` and deploy the app (Ray must be initialised); returns the URL."""
+def start(serve_cfg: ServeConfig, model_cfg: ModelConfig, *, api_key: str | None = None) -> str:
+    """Start Serve's HTTP proxy on ``host:port`` and deploy the app (Ray must be initialised); returns the URL.
+
+    ``api_key`` defaults to the ``serve_cfg.api_key_env`` variable of this process's environment.
+    """
+    api_key = api_key or os.environ.get(serve_cfg.api_key_env) or None
     serve.start(
         http_options={
             "host": serve_cfg.host,
@@ -166,7 +187,9 @@ def start(serve_cfg: ServeConfig, model_cfg: ModelConfig) -> str:
             "request_timeout_s": serve_cfg.request_timeout_s,
         }
     )
-    serve.run(build_app(serve_cfg, model_cfg), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(
+        build_app(serve_cfg, model_cfg, api_key=api_key), name=APP_NAME, route_prefix="/", blocking=False
+    )
     return f"http://{serve_cfg.host}:{serve_cfg.port}/"
 
 
