@@ -12,6 +12,8 @@ import sys
 # subcommand -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("pipelines.data", "make data sets (`sdray data synth`: captioned synthetic scenes)"),
+    "preprocess": ("pipelines.preprocess", "stage 1: image-caption parquet -> cached VAE latents + text embeddings"),
+    "train-vae": ("pipelines.train_vae", "train or fine-tune the VAE on an image parquet (Ray Train)"),
     "evaluate": ("pipelines.evaluate", "caption faithfulness of generated images (colour, shape, position)"),
 }
 

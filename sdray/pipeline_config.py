@@ -16,6 +16,7 @@ from sdray.models.config import ModelConfig
 from sdray.preprocess.config import PreprocessConfig
 from sdray.serve.config import ServeConfig
 from sdray.train.config import TrainConfig
+from sdray.vae.config import VaeTrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 DEFAULT_CONFIG = "tiny"
@@ -27,6 +28,8 @@ class PipelineConfig:
     """Which model components to build or load (shared by all stages)."""
     synth: SynthConfig = field(default_factory=SynthConfig)
     """`sdray data synth`: the synthetic captioned data set."""
+    vae_train: VaeTrainConfig = field(default_factory=VaeTrainConfig)
+    """`sdray train-vae`: train or fine-tune the VAE (skip it with a pretrained VAE)."""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     """`sdray preprocess`: stage 1."""
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,104 @@
+"""Images for VAE training through Ray Data: read the parquet, split by id hash, decode to uint8 pixels.
+
+The pure functions (`decode_image`, `decode_batch`) know nothing of Ray; `image_datasets` holds the only
+`map_batches` wiring. Pixels travel as uint8 (4x smaller than float32) and become floats in [-1, 1] on the
+worker (`to_model_input`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import zlib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from sdray.errors import InputError
+from sdray.vae.config import VaeTrainConfig
+
+log = logging.getLogger(__name__)
+
+PIXELS = "pixels"
+Split = Literal["train", "val"]
+
+
+def decode_image(data: bytes, resolution: int) -> np.ndarray:
+    """Encoded image bytes -> (3, resolution, resolution) uint8: shortest side resized, centre cropped."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        scale = resolution / min(image.size)
+        if scale != 1.0:
+            size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+            image = image.resize(size, Image.BICUBIC)
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def in_holdout(row_id: str, fraction: float) -> bool:
+    """Whether a row is held out: a stable hash of its id, so the split never depends on file order."""
+    return zlib.crc32(str(row_id).encode()) % 10_000 < fraction * 10_000
+
+
+def _image_bytes(column: pa.ChunkedArray | pa.Array) -> list[bytes | None]:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_struct(column.type):  # Hugging Face layout: {bytes, path}
+        column = column.field("bytes")
+    return column.to_pylist()
+
+
+def decode_batch(batch: pa.Table, *, cfg: VaeTrainConfig, split: Split) -> dict[str, np.ndarray]:
+    """Keep the rows of ``split`` and decode them; undecodable images are logged and dropped.
+
+    Returns:
+        {"pixels": (N, 3, R, R) uint8}.
+    """
+    ids = [str(i) for i in batch.column(cfg.id_column).to_pylist()]
+    images = _image_bytes(batch.column(cfg.image_column))
+    pixels = []
+    for row_id, data in zip(ids, images, strict=True):
+        if in_holdout(row_id, cfg.holdout_fraction) != (split == "val"):
+            continue
+        try:
+            pixels.append(decode_image(data, cfg.resolution))
+        except Exception as exc:  # noqa: BLE001 - any undecodable row is skipped, not fatal
+            log.warning("row %s: cannot decode image, skipped: %s", row_id, exc)
+    shape = (len(pixels), 3, cfg.resolution, cfg.resolution)
+    return {PIXELS: np.stack(pixels) if pixels else np.zeros(shape, np.uint8)}
+
+
+def image_datasets(cfg: VaeTrainConfig):
+    """(train, val) Ray Datasets of decoded images; materialized when ``cfg.materialize``."""
+    import ray.data
+
+    if not cfg.data:
+        raise InputError("vae_train.data is empty: give the image parquet (--data)")
+    if "://" not in cfg.data and not any(c in cfg.data for c in "*?[") and not Path(cfg.data).exists():
+        raise InputError(f"vae_train.data {cfg.data}: no such file or directory")
+    try:
+        source = ray.data.read_parquet(cfg.data)
+        names = set(source.schema().names)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise InputError(f"vae_train.data {cfg.data}: cannot read parquet: {exc}") from exc
+    missing = [c for c in (cfg.id_column, cfg.image_column) if c not in names]
+    if missing:
+        raise InputError(f"{cfg.data}: missing column(s) {missing} (has {sorted(names)})")
+    source = source.select_columns([cfg.id_column, cfg.image_column])
+    datasets = []
+    for split in ("train", "val"):
+        ds = source.map_batches(
+            decode_batch, fn_kwargs={"cfg": cfg, "split": split}, batch_format="pyarrow", batch_size=256
+        )
+        datasets.append(ds.materialize() if cfg.materialize else ds)
+    return tuple(datasets)
+
+
+def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, R, R) uint8 -> float32 in [-1, 1]."""
+    return pixels.float().div(127.5).sub(1.0)

@@ -1,0 +1,244 @@
+"""Train (or fine-tune) the AutoencoderKL on images with Ray Train, then export it in diffusers format.
+
+`train_vae` is the library entry: it builds the Ray Datasets, runs a TorchTrainer whose workers execute
+`train_loop_per_worker` (DDP over `num_workers`, one checkpoint per report, resumed after a failure), and
+exports `<output>/vae/` with a data-derived scaling factor. Every worker receives its settings as plain dicts
+and rebuilds the typed configs on its first line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+import torch
+import yaml
+from diffusers.optimization import get_scheduler
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, prepare_model
+
+from sdray.config import from_dict, to_dict
+from sdray.errors import InputError
+from sdray.io import atomic_write_text
+from sdray.models.components import load_components
+from sdray.models.config import ModelConfig
+from sdray.vae.config import VaeTrainConfig
+from sdray.vae.data import PIXELS, image_datasets, to_model_input
+from sdray.vae.export import STATE_FILE, export_vae
+from sdray.vae.loss import Autoencode, psnr, reconstruct, vae_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VaeTrainState:
+    """Everything a resumed run needs: model weights, optimizer, lr schedule, step, metric history."""
+
+    vae: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+    elapsed_s: float = 0.0
+    history: list[dict] | None = None
+
+    def state_dict(self) -> dict:
+        return {
+            "vae": self.vae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "step": self.step,
+            "elapsed_s": self.elapsed_s,
+            "history": self.history or [],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.vae.load_state_dict(state["vae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.step, self.elapsed_s, self.history = state["step"], state["elapsed_s"], state["history"]
+
+
+@dataclass(frozen=True)
+class VaeTrainResult:
+    """What a finished run produced."""
+
+    vae_dir: Path
+    psnr: float
+    steps: int
+    train_seconds: float
+    scaling_factor: float
+    history: list[dict]
+
+
+def _batches(shard, cfg: VaeTrainConfig) -> Iterator[torch.Tensor]:
+    """Endless (B, 3, R, R) float batches in [-1, 1], reshuffled every epoch."""
+    epoch = 0
+    while True:
+        count = 0
+        for batch in shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=4 * cfg.batch_size,
+            local_shuffle_seed=cfg.seed + epoch,
+        ):
+            count += 1
+            yield to_model_input(batch[PIXELS])
+        if count == 0:
+            raise InputError(f"a worker got fewer than batch_size={cfg.batch_size} training images")
+        epoch += 1
+
+
+def _eval_images(val_shard, limit: int) -> torch.Tensor:
+    """Up to ``limit`` held-out images, (N, 3, R, R) in [-1, 1], kept in memory for every evaluation."""
+    chunks, count = [], 0
+    for batch in val_shard.iter_torch_batches(batch_size=64):
+        chunks.append(to_model_input(batch[PIXELS]))
+        count += len(chunks[-1])
+        if count >= limit:
+            break
+    if not chunks:
+        raise InputError("no held-out images: raise vae_train.holdout_fraction or add data")
+    return torch.cat(chunks)[:limit]
+
+
+def _held_out_psnr(vae, images: torch.Tensor) -> float:
+    """Mean per-image PSNR (dB) of posterior-mean reconstructions; the model is left in train mode."""
+    vae.eval()
+    values = [psnr(reconstruct(vae, chunk), chunk) for chunk in images.split(32)]
+    vae.train()
+    return float(torch.cat(values).mean())
+
+
+def _report(state: VaeTrainState, metrics: dict, *, rank: int) -> None:
+    """Append to the history and report; rank 0 attaches a checkpoint (the others' would be identical)."""
+    state.history = [*(state.history or []), metrics]
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state.state_dict(), Path(tmp) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker. ``config``: {"vae_train": dict, "model": dict} (plain, picklable)."""
+    # 1. typed configs and threads
+    cfg = from_dict(VaeTrainConfig, config["vae_train"], where="vae_train")
+    model_cfg = from_dict(ModelConfig, config["model"], where="model")
+    torch.set_num_threads(cfg.threads_per_worker)
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.manual_seed(cfg.seed + rank)
+
+    # 2. model: built from the preset (same seed on every worker) or loaded to fine-tune; DDP when >1 worker
+    vae = load_components(model_cfg, ["vae"]).vae.train()
+    autoencode = prepare_model(Autoencode(vae))
+
+    # 3. optimizer and learning-rate schedule
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" else "cosine"
+    lr_scheduler = get_scheduler(schedule, optimizer, cfg.lr_warmup_steps, cfg.max_steps)
+    state = VaeTrainState(vae, optimizer, lr_scheduler, history=[])
+
+    # 4. resume from the last checkpoint, if Ray restarted us
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state.load_state_dict(torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False))
+        log.info("resumed at step %d", state.step)
+
+    # 5. data: this worker's shard of the training images; every worker sees all held-out images
+    batches = _batches(ray.train.get_dataset_shard("train"), cfg)
+    eval_images = _eval_images(ray.train.get_dataset_shard("val"), cfg.max_eval_images)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + state.step)
+
+    # 6. loop: step, and every report_every steps evaluate, checkpoint and report
+    sums, seen, started = {"loss": 0.0, "l1": 0.0, "mse": 0.0, "kl": 0.0}, 0, time.perf_counter()
+    while state.step < cfg.max_steps:
+        images = next(batches)  # (B, 3, R, R)
+        loss, parts = vae_loss(autoencode, images, cfg, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_scheduler.step()
+        state.step += 1
+        for key, value in {"loss": loss.item(), **parts}.items():
+            sums[key] += value
+        seen += 1
+        if state.step % cfg.report_every and state.step < cfg.max_steps:
+            continue
+        now = time.perf_counter()
+        state.elapsed_s += now - started
+        metrics = {"step": state.step, **{k: v / seen for k, v in sums.items()}}
+        metrics |= {"psnr": _held_out_psnr(vae, eval_images), "lr": lr_scheduler.get_last_lr()[0]}
+        metrics |= {"elapsed_s": state.elapsed_s, "images_per_s": seen * len(images) / (now - started)}
+        _report(state, metrics, rank=rank)
+        if cfg.target_psnr and metrics["psnr"] >= cfg.target_psnr:
+            break  # every worker computed the same PSNR on the same images, so all stop together
+        sums, seen, started = dict.fromkeys(sums, 0.0), 0, time.perf_counter()
+
+
+def _check_sizes(cfg: VaeTrainConfig, num_train: int, num_val: int) -> None:
+    if num_val == 0:
+        raise InputError(f"{cfg.data}: no held-out images; raise vae_train.holdout_fraction or add data")
+    if num_train < cfg.num_workers * cfg.batch_size:
+        raise InputError(
+            f"{cfg.data}: {num_train} training images, fewer than num_workers x batch_size "
+            f"= {cfg.num_workers * cfg.batch_size}"
+        )
+    log.info("VAE data: %d training and %d held-out images", num_train, num_val)
+
+
+def train_vae(cfg: VaeTrainConfig, model_cfg: ModelConfig) -> VaeTrainResult:
+    """Train the VAE on ``cfg.data`` and export ``cfg.output/vae`` (diffusers format, safetensors).
+
+    Also writes ``cfg.output/config.yaml`` (the resolved settings) and ``cfg.output/metrics.json``
+    (history of {step, loss, l1, mse, kl, psnr, lr, elapsed_s, images_per_s} and the final numbers).
+    """
+    if not cfg.output:
+        raise InputError("vae_train.output is empty: give a run directory (--out)")
+    output = Path(cfg.output).absolute()
+    output.mkdir(parents=True, exist_ok=True)
+    resolved = {"vae_train": to_dict(cfg), "model": to_dict(model_cfg)}
+    atomic_write_text(output / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    train_ds, val_ds = image_datasets(cfg)
+    if cfg.materialize:
+        _check_sizes(cfg, train_ds.count(), val_ds.count())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=resolved,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.threads_per_worker},
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name="vae",
+            storage_path=str(output / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"VAE training reported no checkpoint (error: {result.error})")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
+    vae_dir, scaling = export_vae(state["vae"], model_cfg, cfg, train_ds, output / "vae")
+    final = state["history"][-1]
+    summary = {"psnr": final["psnr"], "steps": state["step"], "train_seconds": state["elapsed_s"]}
+    summary |= {"scaling_factor": scaling, "history": state["history"]}
+    atomic_write_text(output / "metrics.json", json.dumps(summary, indent=2))
+    log.info("VAE: %.2f dB held-out PSNR after %d steps (%.0f s); exported %s", final["psnr"], state["step"],
+             state["elapsed_s"], vae_dir)  # fmt: skip
+    return VaeTrainResult(
+        vae_dir, final["psnr"], state["step"], state["elapsed_s"], scaling, state["history"]
+    )
