@@ -15,7 +15,7 @@ from PIL import Image
 from sdray.data.synth import Scene, SynthConfig, iter_scenes, render
 from sdray.errors import InputError
 from sdray.evaluate import faithfulness, parse_caption, recover
-from sdray.evaluate.faithfulness import CHANCE, derangement
+from sdray.evaluate.faithfulness import CHANCE, derangement, evaluation_prompts
 from sdray.evaluate.report import EvaluateOptions, evaluate_dir, read_manifest
 
 ATTRS = ("color", "shape", "position")
@@ -94,6 +94,15 @@ def test_parse_caption():
         parse_caption("a circle in the top left")
 
 
+def test_evaluation_prompts_cover_every_combination_held_out_first():
+    cfg = SynthConfig(num_images=10)
+    prompts = evaluation_prompts(cfg, per_combination=2)
+    assert len(prompts) == 2 * 72
+    held = [tuple(t.values()) for _, t in prompts[:16:2]]
+    assert held == cfg.held_out_combinations()
+    assert all(parse_caption(p) == t for p, t in prompts)
+
+
 def test_derangement_moves_every_item():
     items = list(range(20))
     shuffled = derangement(items, seed=1)
@@ -119,7 +128,7 @@ def test_evaluate_dir_writes_metrics_and_grid(tmp_path, scenes, synth_dir):
     assert on_disk["real"]["all"]["n"] == 40 and on_disk["real"]["all"]["all"] == 1.0
     assert len(on_disk["held_out_combinations"]) == 8
     grid = Image.open(tmp_path / "out" / "grid.png")
-    assert grid.size == (8 * 128, 3 * (128 + 44))
+    assert grid.size == (8 * (128 + 6) + 6, 3 * (128 + 44) + 6)
 
 
 def test_manifest_errors_name_the_line(tmp_path, scenes):

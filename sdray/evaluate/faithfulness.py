@@ -15,7 +15,7 @@ import random
 import re
 from collections.abc import Iterable, Sequence
 
-from sdray.data.synth import COLORS, POSITIONS, SHAPES
+from sdray.data.synth import COLORS, POSITIONS, SHAPES, Scene, SynthConfig
 from sdray.errors import InputError
 from sdray.evaluate.attributes import EVALUATED, Recovered, recover
 
@@ -40,6 +40,22 @@ def parse_caption(prompt: str) -> Attrs:
             )
         attrs[name] = found[0]
     return attrs
+
+
+def evaluation_prompts(cfg: SynthConfig, *, per_combination: int = 1) -> list[tuple[str, Attrs]]:
+    """(prompt, target attributes) for every (colour, shape, position) of ``cfg``, held-out ones first.
+
+    Prompts use the data set's caption template with its first size and background, so they read exactly
+    like training captions; ``per_combination`` repeats each (different seeds give different samples).
+    """
+    held = cfg.held_out_combinations()
+    ordered = held + [c for c in cfg.combinations() if c not in set(held)]
+    prompts = []
+    for color, shape, position in ordered:
+        scene = Scene(color, shape, position, cfg.sizes[0], cfg.backgrounds[0])
+        attrs = {"color": color, "shape": shape, "position": position}
+        prompts += [(scene.caption, attrs)] * per_combination
+    return prompts
 
 
 def combination(attrs: Attrs) -> tuple[str, str, str]:

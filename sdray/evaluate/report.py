@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,18 +110,19 @@ def sample_grid(
     images: Sequence[Image.Image], prompts: Sequence[str], *, correct: Sequence[bool] | None = None
 ) -> Image.Image:
     """A grid of images, each upscaled to 128 px with its prompt underneath (green: all attributes
-    recovered as asked, red: not)."""
-    cell, text_h, columns = 128, 44, min(8, max(1, len(images)))
+    recovered as asked, red: not), on white with a gap between cells."""
+    cell, gap, text_h, columns = 128, 6, 44, min(8, max(1, len(images)))
     rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * cell, rows * (cell + text_h)), (255, 255, 255))
+    grid = Image.new("RGB", (columns * (cell + gap) + gap, rows * (cell + text_h) + gap), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default()
     for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
-        x, y = (i % columns) * cell, (i // columns) * (cell + text_h)
+        x, y = gap + (i % columns) * (cell + gap), gap + (i // columns) * (cell + text_h)
         grid.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
         colour = (0, 0, 0) if correct is None else ((0, 120, 0) if correct[i] else (190, 0, 0))
-        text = "\n".join(textwrap.wrap(prompt.removeprefix("a ").replace(" background", ""), 22)[:4])
-        draw.multiline_text((x + 2, y + cell + 1), text, fill=colour, font=font, spacing=0)
+        short = re.sub(r" on an? (\w+) background$", r" on \1", prompt.removeprefix("a "))
+        text = "\n".join(textwrap.wrap(short, 22)[:3])
+        draw.multiline_text((x, y + cell + 2), text, fill=colour, font=font, spacing=1)
     return grid
 
 
