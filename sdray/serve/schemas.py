@@ -29,8 +29,12 @@ A1111_SAMPLERS: dict[str, str] = {
     "DPM++ 2M Karras": "dpmpp_2m_karras",
     "PLMS": "pndm",
 }
-SamplerName = Literal["DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "PLMS"]
-assert SamplerName.__args__ == tuple(A1111_SAMPLERS)  # type: ignore[attr-defined]
+# One Literal (not a union of two) so a bad value gets one error listing every accepted name.
+SamplerName = Literal[
+    "DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "PLMS",
+    "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm",
+]  # fmt: skip
+assert SamplerName.__args__ == (*A1111_SAMPLERS, *SCHEDULER_NAMES)  # type: ignore[attr-defined]
 
 MAX_PROMPT_CHARS = 4000  # bounds tokenizer work; the token limit (77 for CLIP) is checked separately
 MAX_SEED = 2**32 - 1  # seeds drawn for the client are below this, like A1111's
@@ -115,7 +119,7 @@ class Txt2ImgRequest(BaseModel):
     width: int | None = Field(None, ge=1, le=16384, description="Pixels; default: the model's native size.")
     height: int | None = Field(None, ge=1, le=16384, description="Pixels; default: the model's native size.")
     batch_size: int = Field(1, ge=1, le=64, description="Number of images (limit: serve.max_images).")
-    sampler_name: SamplerName | SchedulerName | None = Field(
+    sampler_name: SamplerName | None = Field(
         None, description="A1111 sampler name or sdray scheduler name; default serve.default_scheduler."
     )
 
