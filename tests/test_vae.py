@@ -124,3 +124,17 @@ def test_demo_preset_sizes():
     assert 1.5e6 < sum(p.numel() for p in parts.unet.parameters()) < 1.9e6
     assert parts.unet.config.sample_size * parts.vae_downsample == cfg.synth.resolution
     assert cfg.synth.held_out == 8 and len(cfg.synth.combinations()) == 72
+
+
+def test_assemble_model_dir_checks_inputs(tmp_path, tiny_components):
+    from sdray.errors import InputError
+    from sdray.models.config import ModelConfig
+    from sdray.vae.export import assemble_model_dir
+
+    with pytest.raises(InputError, match="not a diffusers AutoencoderKL directory"):
+        assemble_model_dir(tmp_path, ModelConfig(), tmp_path / "model")
+    tiny_components.vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    mismatched = ModelConfig(unet={"in_channels": 8, "out_channels": 8})
+    with pytest.raises(ConfigError, match="4 latent channels but model.unet.in_channels is 8"):
+        assemble_model_dir(tmp_path / "vae", mismatched, tmp_path / "model")
+    assert not (tmp_path / "model").exists()

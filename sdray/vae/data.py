@@ -73,14 +73,19 @@ def decode_batch(batch: pa.Table, *, cfg: VaeTrainConfig, split: Split) -> dict[
     return {PIXELS: np.stack(pixels) if pixels else np.zeros(shape, np.uint8)}
 
 
-def image_datasets(cfg: VaeTrainConfig):
-    """(train, val) Ray Datasets of decoded images; materialized when ``cfg.materialize``."""
-    import ray.data
-
+def check_data_path(cfg: VaeTrainConfig) -> None:
+    """Fail fast (before Ray starts) on an empty or missing local input path."""
     if not cfg.data:
         raise InputError("vae_train.data is empty: give the image parquet (--data)")
     if "://" not in cfg.data and not any(c in cfg.data for c in "*?[") and not Path(cfg.data).exists():
         raise InputError(f"vae_train.data {cfg.data}: no such file or directory")
+
+
+def image_datasets(cfg: VaeTrainConfig):
+    """(train, val) Ray Datasets of decoded images; materialized when ``cfg.materialize``."""
+    import ray.data
+
+    check_data_path(cfg)
     try:
         source = ray.data.read_parquet(cfg.data)
         names = set(source.schema().names)

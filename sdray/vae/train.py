@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import ray.train
 import torch
 import yaml
@@ -29,7 +31,7 @@ from sdray.io import atomic_write_text
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
 from sdray.vae.config import VaeTrainConfig
-from sdray.vae.data import PIXELS, image_datasets, to_model_input
+from sdray.vae.data import PIXELS, check_data_path, image_datasets, to_model_input
 from sdray.vae.export import STATE_FILE, export_vae
 from sdray.vae.loss import Autoencode, psnr, reconstruct, vae_loss
 
@@ -203,8 +205,11 @@ def train_vae(cfg: VaeTrainConfig, model_cfg: ModelConfig) -> VaeTrainResult:
     """
     if not cfg.output:
         raise InputError("vae_train.output is empty: give a run directory (--out)")
+    check_data_path(cfg)
     output = Path(cfg.output).absolute()
     output.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():  # join RAY_ADDRESS (`ray job submit` sets it) or start a private local Ray
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
     resolved = {"vae_train": to_dict(cfg), "model": to_dict(model_cfg)}
     atomic_write_text(output / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     train_ds, val_ds = image_datasets(cfg)
