@@ -1,0 +1,78 @@
+"""The web page at `/` in headless Debian Chromium (playwright drives /usr/bin/chromium; no browser download).
+
+`make browser` (part of `make test`) installs chromium when it is missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from serve_fixtures import free_port, running_app
+
+from sdray.models.config import ModelConfig
+from sdray.serve.config import ServeConfig
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--no-first-run",
+]
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(CHROMIUM) is None,
+    reason="needs Debian chromium: run `make browser` (apt-get install chromium)",
+)
+
+
+@pytest.fixture(scope="module")
+def url(ray_session):
+    cfg = ServeConfig(port=free_port(), default_steps=4, max_side=256, batch_wait_timeout_s=0.0)
+    with running_app(cfg, ModelConfig(), api_key="") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(url + "/")
+        yield page
+        browser.close()
+
+
+def test_type_prompt_click_generate_image_appears(page):
+    page.wait_for_function("document.getElementById('model').textContent.includes('native 64px')")
+    page.fill("#prompt", "a large red circle in the top left on a black background")
+    page.fill("#negative_prompt", "blurry")
+    page.fill("#steps", "3")
+    page.fill("#seed", "42")
+    page.fill("#size", "48x32")
+    page.select_option("#scheduler", "ddim")
+    page.click("#generate")
+    image = page.wait_for_selector("#images figure img")
+    page.wait_for_function("document.querySelector('#images img').naturalWidth > 0")
+    assert page.evaluate(
+        "[document.querySelector('#images img').naturalWidth, "
+        "document.querySelector('#images img').naturalHeight]"
+    ) == [48, 32]
+    assert image.get_attribute("src").startswith("data:image/png;base64,")
+    assert page.text_content("#images figcaption") == "seed 42"
+    assert page.text_content("#error") == ""
+
+
+def test_api_error_is_shown(page):
+    page.fill("#prompt", "a blue square")
+    page.fill("#size", "65x64")  # not a multiple of 8: the API answers 422
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    error = page.text_content("#error")
+    assert "HTTP 422" in error and "size" in error and "multiple of 8" in error
