@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from sdray.errors import ConfigError
+
+CaptionStrategy = Literal["first", "random"]
 
 
 @dataclass(kw_only=True, frozen=True)
 class PreprocessConfig:
     input: str = ""
-    """Parquet file, directory, glob or s3:// URI of image-caption rows."""
+    """Parquet file, directory, glob or s3:// URI of image-caption rows (comma-separated for several)."""
     output: str = ""
     """Directory (or s3:// URI) of the latent cache."""
     resolution: int = 512
@@ -21,11 +24,54 @@ class PreprocessConfig:
     """Column with a caption string or a list of strings."""
     id_column: str = "id"
     """Column with a unique row id (string or integer)."""
+    caption_strategy: CaptionStrategy = "first"
+    """For list captions: `first` non-empty one, or a `random` one chosen by a hash of the row id (stable)."""
+    store_std: bool = False
+    """Also store the VAE posterior std (`latent_std`) so training can sample latents, not only use the mean."""
+    min_image_side: int = 32
+    """Images whose shorter side is below this many pixels are rejected (`too_small`)."""
+    max_image_pixels: int = 100_000_000
+    """Images with more pixels than this are rejected before decoding (`too_large`, decompression-bomb guard)."""
+    decode_batch_size: int = 64
+    """Rows per CPU decode task (Pillow decode, EXIF, RGB, resize, crop, tokenize)."""
+    decode_num_cpus: float = 1.0
+    """CPUs reserved per decode task."""
     encode_batch_size: int = 16
     """Images per encoder call."""
+    encode_concurrency: int = 1
+    """Encoder actors (each loads the VAE and text encoder once); one per GPU on a GPU cluster."""
+    encode_num_gpus: float = 1.0
+    """GPUs per encoder actor when the cluster has GPUs (ignored on a CPU-only cluster: fp32 on CPU)."""
+    encode_num_cpus: float = 1.0
+    """CPUs per encoder actor; on a CPU-only machine also the torch threads it uses."""
+    write_num_cpus: float = 0.5
+    """CPUs reserved per shard-writing task (mostly I/O)."""
+    rows_per_shard: int = 512
+    """Rows per output parquet shard (at most; a shard never mixes input files)."""
 
     def __post_init__(self) -> None:
         if self.resolution % 8 or self.resolution <= 0:
             raise ConfigError(f"resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.encode_batch_size < 1:
-            raise ConfigError(f"encode_batch_size must be >= 1, got {self.encode_batch_size}")
+        positive = {
+            "encode_batch_size": self.encode_batch_size,
+            "decode_batch_size": self.decode_batch_size,
+            "encode_concurrency": self.encode_concurrency,
+            "rows_per_shard": self.rows_per_shard,
+            "min_image_side": self.min_image_side,
+            "max_image_pixels": self.max_image_pixels,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        for name, value in {
+            "decode_num_cpus": self.decode_num_cpus,
+            "encode_num_cpus": self.encode_num_cpus,
+            "write_num_cpus": self.write_num_cpus,
+        }.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.encode_num_gpus < 0:
+            raise ConfigError(f"encode_num_gpus must be >= 0, got {self.encode_num_gpus}")
+        columns = (self.image_column, self.caption_column, self.id_column)
+        if not all(columns) or len(set(columns)) != len(columns):
+            raise ConfigError(f"image/caption/id columns must be distinct and non-empty, got {columns}")

@@ -1,0 +1,77 @@
+"""Every Ray Data call of stage 1, in one function: read -> decode (CPU tasks) -> encode (actors) -> write.
+
+Ray's `map_batches` arguments have changed across versions; keeping them here means one place to update.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.fs as pafs
+import ray
+
+from sdray.config import to_dict
+from sdray.data.cache import CacheInfo
+from sdray.pipeline_config import PipelineConfig
+from sdray.preprocess.encode import Encoder
+from sdray.preprocess.manifest import OutputDir
+from sdray.preprocess.stages import decode_batch, write_shards
+
+_WORKER_BYTES = 640 * 1024**2  # the worker's imports (transformers: ~400 MiB) and one large source image
+
+
+def encoder_gpus(requested: float) -> float:
+    """GPUs per encoder actor: the configured amount when the cluster has GPUs, else 0 (CPU, fp32)."""
+    return requested if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def decode_memory_bytes(batch_size: int, resolution: int) -> int:
+    """Memory to reserve per decode task: the worker, its output (uint8, twice for the copy into a block)."""
+    return batch_size * resolution * resolution * 3 * 2 + _WORKER_BYTES
+
+
+def build_dataset(
+    cfg: PipelineConfig, *, fs: pafs.FileSystem, paths: list[str], out: OutputDir, info: CacheInfo
+) -> ray.data.Dataset:
+    """The streaming pipeline over ``paths``; its rows are the write events of :func:`write_shards`.
+
+    Nothing runs until the caller iterates the dataset; Ray Data streams blocks through the stages with
+    back-pressure, so memory stays bounded whatever the number of input rows.
+    """
+    pre = cfg.preprocess
+    ds = ray.data.read_parquet(
+        paths,
+        filesystem=fs,
+        columns=[pre.id_column, pre.image_column, pre.caption_column],  # only what we use
+        include_paths=True,  # adds `path`: which input file (unit) each row came from
+    )
+    ds = ds.map_batches(
+        decode_batch,
+        batch_format="pyarrow",
+        batch_size=pre.decode_batch_size,
+        num_cpus=pre.decode_num_cpus,
+        # A memory request also keeps Ray Data from fusing this stage into the encoder actor (it fuses ops
+        # with equal resources), so decoding runs in its own tasks and overlaps encoding.
+        memory=decode_memory_bytes(pre.decode_batch_size, pre.resolution),
+        fn_kwargs={"cfg": to_dict(pre), "model_json": json.dumps(to_dict(cfg.model))},
+    )
+    ds = ds.map_batches(
+        Encoder,
+        batch_format="numpy",
+        batch_size=pre.encode_batch_size,
+        compute=ray.data.ActorPoolStrategy(size=pre.encode_concurrency),
+        num_cpus=pre.encode_num_cpus,
+        num_gpus=encoder_gpus(pre.encode_num_gpus),
+        fn_constructor_kwargs={
+            "model": to_dict(cfg.model),
+            "info_json": info.to_json(),
+            "num_threads": max(1, round(pre.encode_num_cpus)),
+        },
+    )
+    return ds.map_batches(
+        write_shards,
+        batch_format="numpy",
+        batch_size=pre.rows_per_shard,
+        num_cpus=pre.write_num_cpus,
+        fn_kwargs={"out": out, "info_json": info.to_json()},
+    )

@@ -1,0 +1,83 @@
+"""The encoder stage: a callable class that loads the VAE and the text encoder once per Ray actor.
+
+fp16 on a GPU, fp32 on the CPU. The stored latent is the UNSCALED posterior mean (and std when asked);
+training multiplies by CacheInfo.vae_scaling_factor once. Rows whose outputs are not finite (fp16
+overflow, broken weights) are marked rejected here instead of poisoning the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdray.config import from_dict
+from sdray.data.cache import CacheInfo, tensor_columns
+from sdray.models.components import load_components
+from sdray.models.config import ModelConfig
+from sdray.preprocess.images import normalise
+from sdray.preprocess.rejects import NONFINITE_OUTPUT
+
+log = logging.getLogger(__name__)
+
+
+class Encoder:
+    """``map_batches`` class: adds latent / latent_std / text_embeds, drops pixels and input_ids."""
+
+    def __init__(self, *, model: dict[str, Any], info_json: str, num_threads: int = 0) -> None:
+        self.info = CacheInfo.from_json(info_json, where="cache info")
+        model_cfg = from_dict(ModelConfig, model, where="model")
+        components = load_components(model_cfg, parts=("text_encoder", "vae"))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if self.device.type == "cpu" and num_threads > 0:
+            torch.set_num_threads(num_threads)
+        self.vae = components.vae.to(self.device, self.dtype)
+        self.text_encoder = components.text_encoder.to(self.device, self.dtype)
+        log.info("encoder actor: %s on %s (%s)", model_cfg.source, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def encode(self, pixels: np.ndarray, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Encode good rows. ``pixels``: uint8 (B, 3, R, R); ``input_ids``: int64 (B, 77).
+
+        Returns:
+            latent (B, C, h, w) [and latent_std] and text_embeds (B, 77, D), float32 numpy.
+        """
+        x = normalise(torch.from_numpy(pixels).to(self.device, torch.float32)).to(self.dtype)  # (B, 3, R, R)
+        posterior = self.vae.encode(x).latent_dist
+        ids = torch.from_numpy(input_ids).to(self.device)
+        text = self.text_encoder(ids).last_hidden_state  # (B, 77, D)
+        out = {"latent": posterior.mean, "text_embeds": text}
+        if self.info.has_std:
+            out["latent_std"] = posterior.std
+        return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        n = len(batch["id"])
+        good = np.flatnonzero(batch["reason"] == "")
+        encoded = self.encode(batch["pixels"][good], batch["input_ids"][good]) if len(good) else {}
+        # object dtype: Ray may hand strings over as fixed-width "<U1", which would truncate a new reason.
+        reasons, details = batch["reason"].astype(object), batch["detail"].astype(object)
+        out = {k: v for k, v in batch.items() if k not in ("pixels", "input_ids")}
+        for name, values in encoded.items():
+            full = np.zeros((n, *values.shape[1:]), np.float16)
+            # fp16 is the storage dtype: a value finite in fp32 can still overflow there, so check after casting.
+            full[good] = values.astype(np.float16)
+            bad = ~np.isfinite(full[good].reshape(len(good), -1)).all(axis=1)
+            for i in good[bad]:
+                if not reasons[i]:
+                    reasons[i], details[i] = NONFINITE_OUTPUT, f"{name} has NaN/inf"
+            out[name] = full
+        if not encoded:  # a batch of only rejected rows still needs the tensor columns
+            out.update(self._zeros(n))
+        out["reason"], out["detail"] = reasons, details
+        out["encode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
+        return out
+
+    def _zeros(self, n: int) -> dict[str, np.ndarray]:
+        shapes = tensor_columns(self.info)
+        return {name: np.zeros((n, *shape), np.float16) for name, shape in shapes.items()}

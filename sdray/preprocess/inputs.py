@@ -1,0 +1,176 @@
+"""Input discovery through pyarrow file systems: files, directories, globs, local or object-store URIs.
+
+Each input parquet file is one *unit*: the grain of resume (the manifest records finished files) and of
+output shards (a shard never mixes input files).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from sdray.errors import InputError
+from sdray.preprocess.config import PreprocessConfig
+
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input parquet file (a unit of work)."""
+
+    path: str
+    """Path inside ``filesystem`` (no scheme), as Ray Data's ``include_paths`` reports it."""
+    size: int
+    """Bytes, from the listing; a changed size means the file changed since it was preprocessed."""
+
+    @property
+    def key(self) -> str:
+        return unit_key(self.path)
+
+
+def unit_key(path: str) -> str:
+    """16 hex characters naming an input file's shards, reject log and manifest record."""
+    return hashlib.sha1(path.encode()).hexdigest()[:16]
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(file system, path inside it) for a local path (relative allowed) or a URI such as ``s3://b/k``."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise InputError(f"cannot open {uri!r}: {exc}") from exc
+
+
+def _is_data_file(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return name.endswith(".parquet") and not name.startswith(("_", "."))
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    """Shell-style: `*`, `?`, `[...]` stay within one folder; `**` crosses folders."""
+    if "**" in pattern:
+        return fnmatch.fnmatchcase(path, pattern)
+    parts, pattern_parts = path.split("/"), pattern.split("/")
+    return len(parts) == len(pattern_parts) and all(
+        fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern_parts, strict=True)
+    )
+
+
+def _expand(fs: pafs.FileSystem, path: str, where: str) -> list[InputFile]:
+    if any(c in _GLOB_CHARS for c in path):
+        parts = path.split("/")
+        fixed = next(i for i, p in enumerate(parts) if any(c in _GLOB_CHARS for c in p))
+        base = "/".join(parts[:fixed]) or "/"
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        found = [i for i in infos if i.is_file and _glob_match(i.path, path) and _is_data_file(i.path)]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"input {where!r} does not exist")
+        if info.is_file:
+            return [InputFile(info.path, info.size)]
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        found = [i for i in infos if i.is_file and _is_data_file(i.path)]
+    if not found:
+        raise InputError(f"input {where!r} matches no .parquet files")
+    return [InputFile(i.path, i.size) for i in found]
+
+
+def resolve_inputs(spec: str) -> tuple[pafs.FileSystem, list[InputFile]]:
+    """Expand a comma-separated list of files/dirs/globs (one file system) into sorted unique parquet files."""
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise InputError("no input given (preprocess.input / --input)")
+    systems = [filesystem_for(item) for item in items]
+    fs = systems[0][0]
+    if any(type(f) is not type(fs) for f, _ in systems):
+        raise InputError(f"inputs {items} mix file systems; give one kind of location per run")
+    files = {
+        f.path: f for (_, path), item in zip(systems, items, strict=True) for f in _expand(fs, path, item)
+    }
+    return fs, sorted(files.values(), key=lambda f: f.path)
+
+
+def _check_schema(schema: pa.Schema, cfg: PreprocessConfig, path: str) -> None:
+    checks = {
+        cfg.id_column: (
+            "id",
+            lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t),
+        ),
+        cfg.image_column: ("image", _is_image_type),
+        cfg.caption_column: ("caption", _is_caption_type),
+    }
+    for column, (role, ok) in checks.items():
+        index = schema.get_field_index(column)
+        if index < 0:
+            raise InputError(
+                f"{path}: no {role} column {column!r} (columns: {', '.join(schema.names)}); "
+                f"set preprocess.{role}_column"
+            )
+        if not ok(schema.field(index).type):
+            raise InputError(
+                f"{path}: {role} column {column!r} has unsupported type {schema.field(index).type}"
+            )
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _is_image_type(t: pa.DataType) -> bool:
+    if pa.types.is_struct(t):
+        index = t.get_field_index("bytes")
+        return index >= 0 and _is_binary(t.field(index).type)
+    return _is_binary(t)
+
+
+def _is_caption_type(t: pa.DataType) -> bool:
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def row_counts(fs: pafs.FileSystem, files: list[InputFile], cfg: PreprocessConfig) -> dict[str, int]:
+    """Rows per file from the parquet footers (read in parallel); checks the configured columns exist."""
+
+    def footer(file: InputFile) -> pq.FileMetaData:
+        try:
+            with fs.open_input_file(file.path) as f:
+                meta = pq.ParquetFile(f).metadata
+                _check_schema(meta.schema.to_arrow_schema(), cfg, file.path)
+                return meta
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{file.path}: not a readable parquet file: {exc}") from exc
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        footers = dict(zip((f.path for f in files), pool.map(footer, files), strict=True))
+    _check_same_types(footers, cfg)
+    return {path: meta.num_rows for path, meta in footers.items()}
+
+
+def _check_same_types(footers: dict[str, pq.FileMetaData], cfg: PreprocessConfig) -> None:
+    """Ray Data reads all files as one data set: the used columns must have one type across files."""
+    columns = (cfg.id_column, cfg.image_column, cfg.caption_column)
+    first_path, first = None, None
+    for path, meta in footers.items():
+        schema = meta.schema.to_arrow_schema()
+        types = [schema.field(c).type for c in columns]
+        if first is None:
+            first_path, first = path, types
+            continue
+        for column, a, b in zip(columns, first, types, strict=True):
+            if a != b:
+                raise InputError(
+                    f"column {column!r} is {a} in {first_path} but {b} in {path}; "
+                    "one run needs one schema: preprocess these files separately"
+                )

@@ -1,0 +1,193 @@
+"""`run_preprocess`: the one library call behind `sdray preprocess`.
+
+1. resolve the inputs (files, dirs, globs; local or object store) and open the output directory
+2. load the encoders in the driver: fingerprint, CacheInfo, the empty-caption embedding
+3. create the cache sidecars, or refuse an existing cache made with another model or resolution
+4. skip input files the manifest marks done; delete leftovers of the others (a killed run)
+5. stream the rest through Ray Data (decode -> encode -> write shards) and commit each input file to the
+   manifest as soon as all its rows are written or rejected
+6. write and return the summary: rows in, written, rejected by reason (they add up), and this run's speed
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from sdray.config import dump_yaml
+from sdray.data.cache import CacheInfo
+from sdray.errors import ConfigError, InputError
+from sdray.models.components import SDComponents, load_components
+from sdray.models.fingerprint import encoder_fingerprint
+from sdray.pipeline_config import PipelineConfig
+from sdray.preprocess.dataset import build_dataset
+from sdray.preprocess.inputs import InputFile, resolve_inputs, row_counts
+from sdray.preprocess.manifest import CONFIG_FILE, SUMMARY_FILE, OutputDir, UnitRecord, totals
+
+log = logging.getLogger(__name__)
+
+
+def cache_info(components: SDComponents, cfg: PipelineConfig) -> CacheInfo:
+    """The metadata of the cache these encoders write at the configured resolution."""
+    pre, down = cfg.preprocess, components.vae_downsample
+    if pre.resolution % down:
+        raise ConfigError(f"preprocess.resolution {pre.resolution} is not a multiple of the VAE's {down}x")
+    return CacheInfo(
+        vae_scaling_factor=components.vae_scaling_factor,
+        encoder_fingerprint=encoder_fingerprint(components),
+        resolution=pre.resolution,
+        latent_shape=(
+            int(components.vae.config.latent_channels),
+            pre.resolution // down,
+            pre.resolution // down,
+        ),
+        text_embeds_shape=(int(components.tokenizer.model_max_length), components.text_embed_dim),
+        has_std=pre.store_std,
+        model_source=cfg.model.source,
+    )
+
+
+@torch.inference_mode()
+def empty_caption_embeds(components: SDComponents) -> np.ndarray:
+    """(77, D) float32: the text encoder's last hidden state for the empty caption."""
+    tok = components.tokenizer
+    ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    return components.text_encoder(ids).last_hidden_state[0].float().numpy()
+
+
+class Ledger:
+    """Counts the write events per input file and commits a file once all its rows are accounted for."""
+
+    def __init__(self, out: OutputDir, files: list[InputFile], counts: dict[str, int]) -> None:
+        self.out = out
+        self.keys = {f.path: f.key for f in files}
+        self.records = {f.path: UnitRecord(input=f.path, size=f.size, rows=counts[f.path]) for f in files}
+        self.rejects: dict[str, list[dict[str, str]]] = defaultdict(list)
+        self.stage_s: Counter[str] = Counter()
+        self.committed: list[UnitRecord] = []
+        for path in [p for p, r in self.records.items() if r.rows == 0]:
+            self._commit(path)
+
+    def add(self, events: pa.Table) -> None:
+        """Apply one batch of events (see stages.EVENT_SCHEMA); commit the files it completes."""
+        touched = set()
+        for e in events.to_pylist():
+            record = self.records.get(e["unit"])
+            if record is None:
+                raise RuntimeError(f"write event for unknown or finished input {e['unit']!r}")
+            touched.add(e["unit"])
+            if e["kind"] == "reject":
+                record.rejected[e["reason"]] = record.rejected.get(e["reason"], 0) + 1
+                self.rejects[e["unit"]].append(
+                    {"id": e["name"], "reason": e["reason"], "detail": e["detail"], "input": e["unit"]}
+                )
+                continue
+            if e["name"]:
+                if e["name"] in record.shards:
+                    raise RuntimeError(f"shard {e['name']} reported twice for {e['unit']}")
+                record.shards.append(e["name"])
+            record.written += e["rows"]
+            record.bytes_written += e["bytes"]
+            self.stage_s.update({k: e[k] for k in ("decode_s", "encode_s", "write_s")})
+        for path in touched:
+            record = self.records[path]
+            if record.accounted > record.rows:
+                raise RuntimeError(f"{path}: {record.accounted} rows accounted for, file has {record.rows}")
+            if record.accounted == record.rows:
+                self._commit(path)
+
+    def _commit(self, path: str) -> None:
+        record = self.records.pop(path)
+        record.shards.sort()
+        self.out.commit(self.keys[path], record, self.rejects.pop(path, []))
+        self.committed.append(record)
+        log.info("done %s: %d written, %d rejected", path, record.written, sum(record.rejected.values()))
+
+    def finish(self) -> None:
+        """After the stream ends every input file must be committed; else the run is incomplete (a bug)."""
+        if self.records:
+            missing = {p: f"{r.accounted}/{r.rows}" for p, r in list(self.records.items())[:5]}
+            raise RuntimeError(f"{len(self.records)} input file(s) incomplete (rows accounted/in): {missing}")
+
+
+def _pending(out: OutputDir, files: list[InputFile]) -> list[InputFile]:
+    done = out.done()
+    for f in files:
+        record = done.get(f.key)
+        if record is not None and record.size != f.size:
+            raise InputError(
+                f"{f.path} changed since it was preprocessed into {out.uri} ({record.size} -> {f.size} bytes); "
+                "write to a new output directory"
+            )
+    return [f for f in files if f.key not in done]
+
+
+def _process(
+    cfg: PipelineConfig, out: OutputDir, fs: Any, pending: list[InputFile], info: CacheInfo
+) -> Ledger:
+    ledger = Ledger(out, pending, row_counts(fs, pending, cfg.preprocess))
+    if ledger.records:
+        paths = list(ledger.records)
+        ds = build_dataset(cfg, fs=fs, paths=paths, out=out, info=info)
+        for events in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            ledger.add(events)
+    ledger.finish()
+    return ledger
+
+
+def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
+    """Encode ``cfg.preprocess.input`` into the latent cache ``cfg.preprocess.output``; resumable.
+
+    Returns:
+        The summary also written to `_summary.json`: totals over the whole cache and `this_run` stats.
+    """
+    pre = cfg.preprocess
+    out = OutputDir(pre.output)
+    fs, files = resolve_inputs(pre.input)
+    start = time.perf_counter()
+    components = load_components(cfg.model, parts=("tokenizer", "text_encoder", "vae"))
+    info = cache_info(components, cfg)
+    existed = out.prepare(info, empty_caption_embeds(components))
+    del components
+    load_s = time.perf_counter() - start
+    out.put(CONFIG_FILE, dump_yaml(cfg).encode())
+    pending = _pending(out, files)
+    cleaned = out.clean({f.key for f in pending})
+    log.info(
+        "%s: %d input file(s), %d already done, %d to do%s",
+        out.uri, len(files), len(files) - len(pending), len(pending),
+        f" (removed {cleaned} leftover file(s) of an interrupted run)" if cleaned else "",
+    )  # fmt: skip
+    if pending and not ray.is_initialized():
+        ray.init()
+    start = time.perf_counter()
+    ledger = _process(cfg, out, fs, pending, info) if pending else None
+    wall = time.perf_counter() - start
+    summary = {**totals(out.done()), "cache_existed": existed, "this_run": _run_stats(ledger, wall, load_s)}
+    out.put(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def _run_stats(ledger: Ledger | None, wall: float, load_s: float) -> dict[str, Any]:
+    records = ledger.committed if ledger else []
+    rows = sum(r.rows for r in records)
+    written = sum(r.written for r in records)
+    return {
+        "input_files": len(records),
+        "rows_in": rows,
+        "rows_written": written,
+        "rows_rejected": rows - written,
+        "bytes_written": sum(r.bytes_written for r in records),
+        "model_load_s": round(load_s, 3),
+        "wall_s": round(wall, 3),
+        "images_per_s": round(rows / wall, 2) if rows and wall > 0 else 0.0,
+        "stage_task_s": {k: round(v, 3) for k, v in sorted((ledger.stage_s if ledger else {}).items())},
+    }
