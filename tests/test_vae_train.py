@@ -38,7 +38,7 @@ def test_train_vae_two_workers_exports_loadable_vae(ray_session, synth_dir, tmp_
     model_cfg = load_pipeline_config("demo").model
     cfg = VaeTrainConfig(data=str(synth_dir), output=str(tmp_path / "run"), num_workers=2, batch_size=4,
                          max_steps=6, report_every=3, holdout_fraction=0.1, foreground_weight=10.0,
-                         learning_rate=2e-3, lr_warmup_steps=0, scaling_images=32)  # fmt: skip
+                         learning_rate=2e-3, lr_warmup_steps=2, scaling_images=32)  # fmt: skip
     result = train_vae(cfg, model_cfg)
 
     # 1. metrics: one report every 3 steps, PSNR reported and consistent everywhere
@@ -46,6 +46,7 @@ def test_train_vae_two_workers_exports_loadable_vae(ray_session, synth_dir, tmp_
     assert [h["step"] for h in metrics["history"]] == [3, 6] and result.steps == 6
     assert metrics["psnr"] == result.psnr == metrics["history"][-1]["psnr"]
     assert 5.0 < result.psnr < 60.0
+    assert [h["lr"] for h in metrics["history"]] == [2e-3, 2e-3]  # warmup over after 2 steps
 
     # 2. the exported directory is a diffusers AutoencoderKL of the configured architecture
     vae = AutoencoderKL.from_pretrained(str(result.vae_dir), use_safetensors=True)

@@ -145,7 +145,9 @@ def train_loop_per_worker(config: dict) -> None:
     # 3. optimizer and learning-rate schedule
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" else "cosine"
-    lr_scheduler = get_scheduler(schedule, optimizer, cfg.lr_warmup_steps, cfg.max_steps)
+    lr_scheduler = get_scheduler(
+        schedule, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
+    )
     state = VaeTrainState(vae, optimizer, lr_scheduler, history=[])
 
     # 4. resume from the last checkpoint, if Ray restarted us
