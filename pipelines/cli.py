@@ -12,6 +12,8 @@ import sys
 # subcommand -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("pipelines.data", "make data sets (`sdray data synth`: captioned synthetic scenes)"),
+    "serve": ("pipelines.serve", "stage 3: the sampler as an HTTP service (Ray Serve) with a web page"),
+    "generate": ("pipelines.generate", "text to image with the stage 3 sampler, without Serve"),
     "preprocess": ("pipelines.preprocess", "stage 1: image-caption parquet -> cached VAE latents + text embeddings"),
     "train-vae": ("pipelines.train_vae", "train or fine-tune the VAE on an image parquet (Ray Train)"),
     "evaluate": ("pipelines.evaluate", "caption faithfulness of generated images (colour, shape, position)"),

@@ -3,7 +3,7 @@
     client ──HTTP──► SDIngress (FastAPI: validation, auth, limits) ──handle──► SDModel (@serve.batch, sampler)
 
 `build_app(serve_cfg, model_cfg)` returns the bound application; `app_builder(args)` is the import path a
-Serve config file names (pipelines/configs/serve.yaml); `serve_forever(cfg)` is what `sdray serve` runs.
+Serve config file names (pipelines/serve.yaml); `serve_forever(cfg)` is what `sdray serve` runs.
 Deployment options (autoscaling, queue limits, CPUs/GPUs) come from ServeConfig; a Serve config file's
 `deployments:` section overrides them.
 """

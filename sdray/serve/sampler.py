@@ -13,6 +13,7 @@ import inspect
 import io
 import logging
 from itertools import groupby
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,9 +29,10 @@ from diffusers import (
 from PIL import Image
 
 from sdray.errors import InputError
+from sdray.io import atomic_write_bytes
 from sdray.models.components import SDComponents
-from sdray.serve.config import SCHEDULER_NAMES
-from sdray.serve.request import GenerationRequest, ModelInfo
+from sdray.serve.config import SCHEDULER_NAMES, ServeConfig
+from sdray.serve.request import GenerationRequest, ModelInfo, check_request
 
 log = logging.getLogger(__name__)
 
@@ -180,3 +182,21 @@ def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator) -> dict[
     if "generator" in params:
         kwargs["generator"] = generator
     return kwargs
+
+
+def generate_files(sampler: Sampler, req: GenerationRequest, cfg: ServeConfig, out: str | Path) -> list[Path]:
+    """`sdray generate`: check ``req``, sample it, write PNGs atomically; returns the paths.
+
+    One image goes to ``out``; several go to ``out`` with ``-0``, ``-1``, ... before the suffix.
+    """
+    errors = check_request(req, sampler.info, cfg, sampler.count_tokens)
+    if errors:
+        raise InputError("; ".join(f"{name}: {message}" for name, message in errors))
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out must end in .png, got {out}")
+    images = sampler.generate([req], max_batch=cfg.max_batch_size)[0]
+    paths = [out] if len(images) == 1 else [out.with_stem(f"{out.stem}-{i}") for i in range(len(images))]
+    for path, image in zip(paths, images, strict=True):
+        atomic_write_bytes(path, to_png(image))
+    return paths

@@ -12,8 +12,9 @@ import json
 import secrets
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sdray.errors import InputError
 from sdray.serve.config import SCHEDULER_NAMES, ServeConfig
 from sdray.serve.request import MAX_GUIDANCE, GenerationRequest, ModelInfo
 
@@ -91,6 +92,15 @@ class ImagesRequest(BaseModel):
             guidance_scale=cfg.default_guidance_scale if self.guidance_scale is None else self.guidance_scale,
             scheduler=self.scheduler or cfg.default_scheduler,
         )
+
+
+def parse_images_request(data: dict) -> ImagesRequest:
+    """An ImagesRequest from plain values (the CLI); pydantic's errors become one InputError naming fields."""
+    try:
+        return ImagesRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InputError(problems) from None
 
 
 class ImageData(BaseModel):

@@ -1,0 +1,48 @@
+"""Serve the text-to-image sampler over HTTP with Ray Serve: OpenAI + AUTOMATIC1111 APIs and a web page.
+
+Laptop:   sdray serve                                  # tiny preset -> http://127.0.0.1:8000/ (web page)
+          sdray serve --model runs/exp1/model --port 8080
+          SDRAY_API_KEY=secret sdray serve             # clients then send `Authorization: Bearer secret`
+Cluster:  serve deploy pipelines/serve.yaml    # autoscaling, scale to zero: see docs/serve.md
+          ray job submit --working-dir . -- sdray serve --model /shared/model --set serve.num_gpus=1
+Settings: the `serve` section (docs/config.md); the HTTP API: docs/serve.md. Ctrl-C stops the service.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipelines.common import flag_overrides, load_config, make_parser, run
+
+FLAGS = {
+    "model": "model.path",
+    "host": "serve.host",
+    "port": "serve.port",
+    "max_batch_size": "serve.max_batch_size",
+    "num_gpus": "serve.num_gpus",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser("sdray serve", __doc__)
+    parser.add_argument("--model", help="diffusers model directory (default: the config's model section)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    parser.add_argument("--max-batch-size", dest="max_batch_size", type=int, help="images per UNet call")
+    parser.add_argument("--num-gpus", dest="num_gpus", type=float, help="GPUs per model replica")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        from sdray.serve.app import serve_forever
+
+        cfg = load_config(args, flag_overrides(args, FLAGS))
+        print(f"starting Ray Serve with {cfg.model.source} ...", flush=True)
+        serve_forever(
+            cfg.serve, cfg.model, ready=lambda url: print(f"serving {url} (Ctrl-C stops)", flush=True)
+        )
+
+    return run(body, verbose=args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Serve config (dataclass + Serve config file) and `sdray generate` (no Ray needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipelines import generate
+from sdray.errors import ConfigError
+from sdray.serve.config import ServeConfig
+
+SERVE_YAML = Path(__file__).resolve().parent.parent / "pipelines" / "serve.yaml"
+
+
+def test_serve_yaml_is_a_valid_serve_config_for_our_app():
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    from sdray.serve.app import SDIngress, SDModel, app_builder
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_YAML.read_text()))
+    (app,) = schema.applications
+    assert app.import_path == "sdray.serve.app:app_builder"
+    assert {d.name for d in app.deployments} == {SDModel.name, SDIngress.name}
+    for deployment in app.deployments:
+        AutoscalingConfig(**deployment.autoscaling_config)  # raises on a bad key or value
+    model = next(d for d in app.deployments if d.name == SDModel.name)
+    assert model.max_ongoing_requests >= ServeConfig().max_batch_size
+    assert app_builder(app.args) is not None  # the args resolve to a valid pipeline config
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"port": 0}, "port must be in 1..65535"),
+        ({"max_batch_size": 8, "max_ongoing_requests": 4}, "batches can never fill"),
+        ({"min_replicas": 3, "max_replicas": 2}, "min_replicas <= max_replicas"),
+        ({"dtype": "float16"}, "needs a GPU"),
+        ({"default_scheduler": "lms"}, "default_scheduler 'lms' unknown; known: ddim"),
+        ({"default_steps": 200}, "default_steps \\(200\\) > max_steps"),
+    ],
+)
+def test_bad_serve_config_names_the_field(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ServeConfig(**kwargs)
+
+
+def test_min_replicas_zero_is_allowed():
+    assert ServeConfig(min_replicas=0, max_replicas=2).min_replicas == 0
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see tests/test_sampler.py: 2 threads crawl on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_generate_writes_the_sampler_image(tmp_path, tiny_model_dir, one_thread, capsys):
+    from sdray.models.components import load_components
+    from sdray.models.config import ModelConfig
+    from sdray.serve.request import GenerationRequest
+    from sdray.serve.sampler import Sampler
+
+    args = ["--model", str(tiny_model_dir), "--prompt", "a red circle", "--seed", "3", "--steps", "3"]
+    rc = generate.main(
+        [*args, "--size", "48x32", "--n", "2", "--scheduler", "ddim", "--out", str(tmp_path / "x.png")]
+    )
+    assert rc == 0
+    assert "seed 4" in capsys.readouterr().out
+    written = [np.asarray(Image.open(tmp_path / f"x-{i}.png")) for i in (0, 1)]
+    sampler = Sampler(load_components(ModelConfig(path=str(tiny_model_dir))))
+    req = GenerationRequest(
+        prompt="a red circle",
+        seeds=(3, 4),
+        width=48,
+        height=32,
+        steps=3,
+        guidance_scale=7.5,
+        scheduler="ddim",
+    )
+    expected = sampler.generate([req])[0]
+    for png, image in zip(written, expected, strict=True):
+        assert png.shape == (32, 48, 3)
+        np.testing.assert_array_equal(png, (image * 255).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prompt", "red " * 90], "prompt: is 92 tokens; the text encoder takes at most 77"),
+        (["--prompt", "a", "--size", "30x30"], "width: must be a multiple of 8"),
+        (["--prompt", "a", "--size", "big"], "size: String should match pattern"),
+        (["--prompt", "a", "--steps", "0"], "steps: Input should be greater than or equal to 1"),
+    ],
+)
+def test_generate_bad_input_exits_2_naming_the_field(tmp_path, one_thread, capsys, extra, message):
+    rc = generate.main([*extra, "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.startswith("error:")
+    assert not list(tmp_path.iterdir())
