@@ -1,0 +1,138 @@
+"""Stage 1 throughput: the Ray Data pipeline against a plain single-process loop (same model, images, machine).
+
+    .venv/bin/python benchmarks/preprocess_throughput.py --preset tiny --resolution 64 --num-images 256 512
+    .venv/bin/python benchmarks/preprocess_throughput.py --preset sd15 --resolution 512 --num-images 8 24
+
+Writes benchmarks/results/preprocess_<preset>_<resolution>.json. For each data set size N it times
+- `plain`: one process, the same decode/encode/write functions in a loop (torch uses every core);
+- `ray`: `run_preprocess` (decode tasks -> encoder actor -> write tasks), wall time including Ray's start of
+  the actor (model load) but not `ray.init`.
+With two sizes it also reports the marginal rate (N2 - N1) / (t2 - t1): the steady state once the fixed cost of
+starting the actor is paid, which is what matters at millions of images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from sdray.config import to_dict
+from sdray.data import cache
+from sdray.data.synth import SynthConfig, write_synth
+from sdray.models.components import load_components
+from sdray.pipeline_config import load_pipeline_config
+from sdray.preprocess.encode import Encoder
+from sdray.preprocess.images import decode_pixels, open_checked, pick_caption
+from sdray.preprocess.run import cache_info, run_preprocess
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def plain_loop(cfg, data: Path, out: Path) -> float:
+    """Seconds to preprocess ``data`` in one process, model load excluded."""
+    pre = cfg.preprocess
+    components = load_components(cfg.model, parts=("tokenizer", "text_encoder", "vae"))
+    info = cache_info(components, cfg)
+    encoder = Encoder(model=to_dict(cfg.model), info_json=info.to_json(), num_threads=os.cpu_count() or 1)
+    tok = components.tokenizer
+    start = time.perf_counter()
+    for k, shard in enumerate(sorted(data.glob("*.parquet"))):
+        rows = pq.read_table(shard).to_pylist()
+        for b in range(0, len(rows), pre.encode_batch_size):
+            batch = rows[b : b + pre.encode_batch_size]
+            captions = [pick_caption(r["caption"], pre.caption_strategy, r["id"]) for r in batch]
+            pixels = [
+                decode_pixels(open_checked(r["image"]["bytes"], min_side=1, max_pixels=10**9), pre.resolution)
+                for r in batch
+            ]
+            ids = tok(
+                captions, padding="max_length", max_length=tok.model_max_length, return_tensors="np"
+            ).input_ids
+            enc = encoder.encode(np.stack(pixels), ids)
+            table = cache.to_table(
+                info,
+                ids=[r["id"] for r in batch],
+                latents=enc["latent"],
+                text_embeds=enc["text_embeds"],
+                captions=captions,
+            )
+            pq.write_table(table, out / f"part-{k}-{b}.parquet")
+    return time.perf_counter() - start
+
+
+def ray_pipeline(cfg) -> float:
+    return run_preprocess(cfg)["this_run"]["wall_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "sd15"])
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--num-images", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--encode-batch-size", type=int, default=16)
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    ray.init(address="local", num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)
+    work = Path(tempfile.mkdtemp(prefix="sdray-bench-"))
+    result = {
+        "machine": f"{platform.machine()}, {cores} cores, no GPU, shared with other jobs (see load averages)",
+        "load_average_at_start": os.getloadavg(),
+        "preset": args.preset,
+        "resolution": args.resolution,
+        "ray": f"num_cpus={cores + 2} logical; decode tasks 1 CPU, one encoder actor with {cores} torch threads",
+        "runs": [],
+    }
+    try:
+        for n in args.num_images:
+            data = write_synth(
+                SynthConfig(num_images=n, resolution=args.resolution, rows_per_shard=64), work / f"in{n}"
+            )
+            cfg = load_pipeline_config(
+                args.preset,
+                [
+                    f"preprocess.input={data}",
+                    f"preprocess.output={work / f'ray{n}'}",
+                    f"preprocess.resolution={args.resolution}",
+                    f"preprocess.encode_batch_size={args.encode_batch_size}",
+                    f"preprocess.encode_num_cpus={cores}",
+                    "preprocess.decode_batch_size=16",
+                ],
+            )
+            (work / f"plain{n}").mkdir()
+            plain_s = plain_loop(cfg, data, work / f"plain{n}")
+            ray_s = ray_pipeline(cfg)
+            run = {"images": n, "plain_s": round(plain_s, 2), "ray_s": round(ray_s, 2),
+                   "plain_images_per_s": round(n / plain_s, 2), "ray_images_per_s": round(n / ray_s, 2)}  # fmt: skip
+            print(run, flush=True)
+            result["runs"].append(run)
+        if len(result["runs"]) >= 2:
+            a, b = result["runs"][0], result["runs"][-1]
+            dn = b["images"] - a["images"]
+            result["marginal_images_per_s"] = {
+                "plain": round(dn / (b["plain_s"] - a["plain_s"]), 2),
+                "ray": round(dn / (b["ray_s"] - a["ray_s"]), 2),
+            }
+        result["load_average_at_end"] = os.getloadavg()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        ray.shutdown()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"preprocess_{args.preset}_{args.resolution}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
