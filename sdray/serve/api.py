@@ -117,6 +117,24 @@ def create_api(backend: ImageBackend) -> FastAPI:
         version="0.1.0",
     )
     api.middleware("http")(_limits_middleware(backend))
+    _add_info_routes(api, backend)
+    _add_generation_routes(api, backend)
+    return api
+
+
+def _model_list(info: ModelInfo, cfg: ServeConfig) -> ModelList:
+    card = ModelCard(
+        id=info.source,
+        native_size=info.native_size,
+        size_multiple=info.size_multiple,
+        max_tokens=info.max_tokens,
+        schedulers=list(info.schedulers),
+        limits={"max_steps": cfg.max_steps, "max_side": cfg.max_side, "max_images": cfg.max_images},
+    )
+    return ModelList(data=[card])
+
+
+def _add_info_routes(api: FastAPI, backend: ImageBackend) -> None:
     page = files("sdray.serve").joinpath("static/index.html").read_text()
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -133,18 +151,15 @@ def create_api(backend: ImageBackend) -> FastAPI:
 
     @api.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
-        info = await backend.model_info()
-        cfg = backend.cfg
-        card = ModelCard(
-            id=info.source,
-            native_size=info.native_size,
-            size_multiple=info.size_multiple,
-            max_tokens=info.max_tokens,
-            schedulers=list(info.schedulers),
-            limits={"max_steps": cfg.max_steps, "max_side": cfg.max_side, "max_images": cfg.max_images},
-        )
-        return ModelList(data=[card])
+        """The served model: native size, size multiple, token limit, schedulers and request limits."""
+        return _model_list(await backend.model_info(), backend.cfg)
 
+    @api.get("/sdapi/v1/samplers")
+    async def samplers() -> list[dict[str, Any]]:
+        return [{"name": a, "aliases": [ours], "options": {}} for a, ours in A1111_SAMPLERS.items()]
+
+
+def _add_generation_routes(api: FastAPI, backend: ImageBackend) -> None:
     @api.post("/v1/images/generations", response_model=ImagesResponse)
     async def images_generations(body: ImagesRequest) -> ImagesResponse | JSONResponse:
         """Text to image, OpenAI images API shape; `data[i].seed` reproduces image i."""
@@ -166,9 +181,3 @@ def create_api(backend: ImageBackend) -> FastAPI:
         if isinstance(result, JSONResponse):
             return result
         return txt2img_response(body, gen, [base64.b64encode(png).decode() for png in result])
-
-    @api.get("/sdapi/v1/samplers")
-    async def samplers() -> list[dict[str, Any]]:
-        return [{"name": a, "aliases": [ours], "options": {}} for a, ours in A1111_SAMPLERS.items()]
-
-    return api
