@@ -22,8 +22,8 @@ class ServeConfig:
     """Serve's end-to-end HTTP timeout; a request still running after this gets 408."""
     max_batch_size: int = 8
     """Largest number of images per UNet call (1 turns batching off)."""
-    batch_wait_timeout_s: float = 0.05
-    """How long the first request of a batch waits for compatible company before the batch runs."""
+    batch_wait_timeout_s: float = 0.1
+    """How long the first request of a batch waits for company; longer fills batches, adds latency when idle."""
     max_ongoing_requests: int = 16
     """Requests one model replica holds at once (running + waiting for a batch); >= max_batch_size."""
     max_queued_requests: int = 32

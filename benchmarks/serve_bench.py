@@ -1,0 +1,257 @@
+"""Serve benchmark: throughput and p50/p95 latency at concurrency 1/4/8, batching on vs off, Serve overhead.
+
+    .venv/bin/python benchmarks/serve_bench.py                      # tiny preset, writes benchmarks/results/
+    .venv/bin/python benchmarks/serve_bench.py --steps 10 --requests 32 --model runs/exp1/model
+
+Two copies of the app run side by side in one Serve instance: `batched` (max_batch_size 8) and `unbatched`
+(max_batch_size 1); each measurement alternates between them so machine noise hits both alike. Clients are
+closed-loop threads (each sends its next request when the previous answers). Serve overhead = p50 of one
+HTTP request (unbatched app, no batch wait) minus p50 of the same work in-process (sampler + PNG), measured
+interleaved. Both sides use one torch thread (a model replica reserves one CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import platform
+import socket
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import ray
+import torch
+from ray import serve
+
+from sdray.models.components import load_components
+from sdray.models.config import ModelConfig
+from sdray.serve.app import build_app
+from sdray.serve.config import ServeConfig
+from sdray.serve.request import GenerationRequest
+from sdray.serve.sampler import Sampler, to_png
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RAY_WORKER_NICENESS = 15
+
+
+def _pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def _load(url: str, body: dict, concurrency: int, total: int) -> dict:
+    """``total`` requests from ``concurrency`` closed-loop clients; latency in ms, throughput in images/s."""
+    latencies: list[float] = []
+    codes: list[int] = []
+
+    def client(count: int) -> None:
+        with httpx.Client(timeout=600) as c:
+            for _ in range(count):
+                start = time.perf_counter()
+                r = c.post(url, json=body)
+                latencies.append((time.perf_counter() - start) * 1000)
+                codes.append(r.status_code)
+
+    shares = [total // concurrency + (i < total % concurrency) for i in range(concurrency)]
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(client, shares))
+    wall = time.perf_counter() - start
+    assert set(codes) == {200}, codes
+    return {
+        "concurrency": concurrency,
+        "requests": total,
+        "throughput_img_s": total / wall,
+        "p50_ms": _pct(latencies, 50),
+        "p95_ms": _pct(latencies, 95),
+    }
+
+
+def _overhead(url: str, sampler: Sampler, body: dict, req: GenerationRequest, rounds: int) -> dict:
+    """Interleaved: one in-process sample+PNG, then the same request over HTTP; p50s and their difference."""
+    direct, http = [], []
+    with httpx.Client(timeout=600) as c:
+        c.post(url, json=body)  # warm-up
+        for _ in range(rounds):
+            start = time.perf_counter()
+            to_png(sampler.generate([req])[0][0])
+            direct.append((time.perf_counter() - start) * 1000)
+            start = time.perf_counter()
+            assert c.post(url, json=body).status_code == 200
+            http.append((time.perf_counter() - start) * 1000)
+    return {
+        "steps": req.steps,
+        "rounds": rounds,
+        "direct_p50_ms": statistics.median(direct),
+        "http_p50_ms": statistics.median(http),
+        "overhead_p50_ms": statistics.median(http) - statistics.median(direct),
+        "overhead_median_of_pairs_ms": statistics.median(h - d for h, d in zip(http, direct, strict=True)),
+    }
+
+
+def _batch_stats(app: str) -> dict[str, int]:
+    return serve.get_deployment_handle("SDModel", app_name=app).stats.remote().result()
+
+
+def _compare(urls: dict[str, str], body: dict, requests: int, rounds: int) -> list[dict]:
+    """Per concurrency level, ``rounds`` alternating runs of each app; merged latencies, per-round ratios."""
+    load = []
+    for concurrency in (1, 4, 8):
+        total = max(requests // 2, 8) if concurrency == 1 else requests
+        runs: dict[str, list[dict]] = {name: [] for name in urls}
+        batches: dict[str, int] = {}
+        for round_ in range(rounds):
+            order = list(urls) if round_ % 2 == 0 else list(urls)[::-1]  # alternate who goes first
+            for name in order:
+                _load(urls[name], body, concurrency, concurrency)  # warm-up, and fills the batch queue
+                before = _batch_stats(name)["batches"]
+                runs[name].append(_load(urls[name], body, concurrency, total))
+                batches[name] = batches.get(name, 0) + _batch_stats(name)["batches"] - before
+        ratios = [b["throughput_img_s"] / u["throughput_img_s"] for b, u in zip(*runs.values(), strict=True)]
+        for name, rs in runs.items():
+            load.append({
+                "app": name,
+                "concurrency": concurrency,
+                "requests": total * rounds,
+                "throughput_img_s": statistics.median(r["throughput_img_s"] for r in rs),
+                "p50_ms": statistics.median(r["p50_ms"] for r in rs),
+                "p95_ms": statistics.median(r["p95_ms"] for r in rs),
+                "mean_requests_per_batch": total * rounds / max(batches[name], 1),
+                "batched_over_unbatched_per_round": ratios,
+            })  # fmt: skip
+            print(json.dumps(load[-1]), flush=True)
+    return load
+
+
+def _machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if "model name" in ln), "?")
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def _deploy(model_cfg: ModelConfig, port: int, batch_wait_s: float) -> dict[str, str]:
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 600})
+    urls = {}
+    for name, batch, wait in (("batched", 8, batch_wait_s), ("unbatched", 1, 0.0)):
+        cfg = ServeConfig(port=port, max_batch_size=batch, batch_wait_timeout_s=wait, max_queued_requests=256)
+        serve.run(build_app(cfg, model_cfg), name=name, route_prefix=f"/{name}", blocking=False)
+        urls[name] = f"http://127.0.0.1:{port}/{name}/v1/images/generations"
+    return urls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="", help="diffusers model directory (default: tiny preset)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument(
+        "--requests", type=int, default=24, help="requests per measurement at concurrency 4/8"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating batched/unbatched rounds per level"
+    )
+    parser.add_argument("--overhead-rounds", type=int, default=30)
+    parser.add_argument("--batch-wait-s", type=float, default=ServeConfig().batch_wait_timeout_s)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    # Ray runs worker processes (the Serve replicas) at niceness 15; the in-process baseline must too, or on a
+    # busy machine it gets more CPU than the replicas and "overhead" measures the scheduler, not Serve.
+    os.nice(RAY_WORKER_NICENESS - os.nice(0))
+    model_cfg = ModelConfig(path=args.model)
+    machine = _machine()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    urls = _deploy(model_cfg, port, args.batch_wait_s)
+    body = {"prompt": "a large red circle in the top left", "size": f"{args.size}x{args.size}",
+            "steps": args.steps, "seed": 0, "scheduler": "euler"}  # fmt: skip
+    load = _compare(urls, body, args.requests, args.rounds)
+    sampler = Sampler(load_components(model_cfg), source=model_cfg.source)
+    overhead = []
+    for steps in (1, args.steps):
+        req = GenerationRequest(prompt=body["prompt"], seeds=(0,), width=args.size, height=args.size,
+                                steps=steps, guidance_scale=7.5, scheduler="euler")  # fmt: skip
+        overhead.append(
+            _overhead(urls["unbatched"], sampler, {**body, "steps": steps}, req, args.overhead_rounds)
+        )
+        print(json.dumps(overhead[-1]), flush=True)
+    machine["load_average_at_end"] = os.getloadavg()
+    serve.shutdown()
+    ray.shutdown()
+    _write(machine, vars(args), load, overhead)
+
+
+def _write(machine: dict, settings: dict, load: list[dict], overhead: list[dict]) -> None:
+    by = {(row["app"], row["concurrency"]): row for row in load}
+    speedup = {
+        c: by["batched", c]["throughput_img_s"] / by["unbatched", c]["throughput_img_s"] for c in (1, 4, 8)
+    }
+    result = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine,
+        "settings": settings,
+        "load": load,
+        "batching_speedup": speedup,
+        "overhead": overhead,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"serve_{'tiny' if not settings['model'] else 'model'}_{settings['size']}px"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# Serve benchmark ({result['when']})",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB, GPU {machine['gpu']}; "
+        f"torch {machine['torch']}, ray {machine['ray']}. Load average at start {machine['load_average_at_start']}, "
+        f"at end {machine['load_average_at_end']} (other engineers' jobs share the machine: absolute numbers are "
+        "noisy, ratios measured side by side in one run are the result).",
+        "",
+        f"Request: {settings['size']}x{settings['size']}, {settings['steps']} steps, euler, guidance 7.5, "
+        "one image; one model replica (1 CPU, 1 torch thread) per app; the benchmark process runs at Ray's "
+        "worker niceness (15) like the replicas.",
+        "",
+        f"Each row: median over {settings['rounds']} rounds; batched and unbatched alternate within a round "
+        "(who goes first alternates too); requests = total over the rounds; batched app: max_batch_size 8, "
+        f"batch_wait_timeout_s {settings['batch_wait_s']}.",
+        "",
+        "| app | concurrency | requests | images/s | p50 ms | p95 ms | requests per batch |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {r['app']} | {r['concurrency']} | {r['requests']} | {r['throughput_img_s']:.2f} | "
+            f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['mean_requests_per_batch']:.1f} |"
+            for r in load
+        ),
+        "",
+        "Batching speedup (median over rounds of batched / unbatched throughput in the same round): "
+        + ", ".join(f"concurrency {c}: {s:.2f}x" for c, s in speedup.items()),
+        "",
+        "| steps | direct p50 ms (sampler + PNG) | HTTP p50 ms | overhead p50 ms | median of paired differences ms |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {o['steps']} | {o['direct_p50_ms']:.1f} | {o['http_p50_ms']:.1f} | {o['overhead_p50_ms']:.1f} | "
+            f"{o['overhead_median_of_pairs_ms']:.1f} |"
+            for o in overhead
+        ),  # fmt: skip
+        "",
+    ]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
