@@ -91,9 +91,9 @@ class StepRunner:
             draw = draw_noise(batch.latents, self.scheduler, loss_cfg, state.generator)
             last = micro == cfg.grad_accum_steps - 1
             no_sync = self.model.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
-            with no_sync, autocast(cfg, self.device):
-                loss = diffusion_loss(self.model, self.scheduler, batch, loss_cfg, draw)
-            with no_sync:
+            with no_sync:  # DDP all-reduces gradients only on the last micro-batch
+                with autocast(cfg, self.device):
+                    loss = diffusion_loss(self.model, self.scheduler, batch, loss_cfg, draw)
                 state.scaler.scale(loss / cfg.grad_accum_steps).backward()
             total += loss.detach() / cfg.grad_accum_steps
         if self.world > 1:  # every rank sees the same loss, so all stop together on NaN
@@ -139,6 +139,7 @@ def train_worker(config: dict) -> None:
     if resumed is not None:
         with resumed.as_directory() as directory:
             checkpoint.load_into(directory, state, rank)
+        state.resumes += 1
         log.info(
             "rank %d: resumed at step %d (epoch %d, batch %d)",
             rank,

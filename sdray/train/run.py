@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,14 @@ def _trainer(spec: RunSpec, dataset: Any):
     )
 
 
+def ensure_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (`ray job submit` sets it) or start a private local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+
+
 def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
     """Train (or resume) the run in ``cfg.output`` and export the model; see docs/train.md."""
     # 1. Resolve paths: absolute local paths or URIs, the same strings on every node.
@@ -115,6 +124,8 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
         output=output,
         storage_path=storage.absolute(cfg.storage_path or storage.join(output, "ray")),
     )
+
+    ensure_ray()
 
     # 2. Open the cache and refuse one made for another model or too small for one step.
     cache = open_cache(cfg.data, expected_cache(cfg, model_cfg))

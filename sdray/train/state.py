@@ -39,6 +39,8 @@ class TrainingState:
     """Micro-batches of the current epoch already consumed (skipped again on resume)."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """One metrics row per completed step."""
+    resumes: int = 0
+    """How many times this run was resumed from a checkpoint (worker restarts and command restarts)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Shared state; see `rng_state_dict` for the per-rank part."""
@@ -52,6 +54,7 @@ class TrainingState:
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
             "history": list(self.history),
+            "resumes": self.resumes,
         }
 
     def rng_state_dict(self) -> dict[str, Any]:
@@ -71,6 +74,7 @@ class TrainingState:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batches_in_epoch = int(state["batches_in_epoch"])
         self.history = list(state["history"])
+        self.resumes = int(state["resumes"])
         if rng is not None:
             self.generator.set_state(rng["generator"])
             torch.set_rng_state(rng["torch"])

@@ -1,0 +1,206 @@
+"""Stage 2 on a real local Ray: train, checkpoint, kill a worker and resume, restart with 2 workers, export.
+
+One baseline run (1 worker, 16 steps) is shared by several tests; the numbers it produces are pinned by
+tests/golden/tiny_loss.txt (regenerate with SDRAY_UPDATE_GOLDEN=1 after a change meant to alter numerics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from cache_fixtures import write_test_cache
+from PIL import Image
+
+from sdray.models.config import ModelConfig
+from sdray.train import checkpoint as ckpt
+from sdray.train.config import TrainConfig
+from sdray.train.metrics import read_metrics
+from sdray.train.run import run_training
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny_loss.txt"
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def train_cache(tiny_components, tmp_path_factory) -> Path:
+    """64 rows (posterior mean and std) in 4 shards: 16 batches of 4 per epoch."""
+    return write_test_cache(tmp_path_factory.mktemp("train") / "cache", tiny_components, num_rows=64)
+
+
+def _cfg(cache: Path, out: Path, **overrides) -> TrainConfig:
+    base = dict(
+        data=str(cache),
+        output=str(out),
+        batch_size=4,
+        max_steps=STEPS,
+        learning_rate=2e-3,
+        warmup_steps=2,
+        snr_gamma=5.0,
+        caption_dropout=0.1,
+        checkpoint_every=4,
+        keep_checkpoints=2,
+        log_every=1,
+        shuffle_buffer=16,
+        max_failures=1,
+        validate_every=8,
+        validation_steps=2,
+        ema_decay=0.99,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "ray" / "train").glob("checkpoint-step-*"))
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_session, train_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "baseline"
+    result = run_training(_cfg(train_cache, out), ModelConfig())
+    return out, result
+
+
+def test_run_writes_metrics_checkpoints_validation_and_matches_golden(baseline):
+    out, result = baseline
+    rows = read_metrics(str(out))
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert result.step == STEPS and result.checkpoint.endswith("checkpoint-step-00000016")
+    for row in rows:
+        assert row["samples_per_s"] > 0 and 0 <= row["data_wait_frac"] <= 1 and row["grad_norm"] > 0
+    assert rows[0]["lr"] < rows[2]["lr"] == pytest.approx(2e-3)  # warmup, then constant
+    assert rows[-1]["epoch"] == 0  # 16 batches of the 64-row cache
+    losses = [r["loss"] for r in rows]
+    assert sum(losses[-4:]) < 0.8 * sum(losses[:4]), losses  # it learns
+    # keep_checkpoints=2 of the 4 written; each holds the shared state, rank 0's RNG and the configs
+    assert [p.name for p in _checkpoints(out)] == ["checkpoint-step-00000012", "checkpoint-step-00000016"]
+    assert {p.name for p in _checkpoints(out)[-1].iterdir()} >= {
+        ckpt.STATE_FILE,
+        ckpt.RUN_FILE,
+        "rng-rank0.pt",
+    }
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    grids = sorted(p.name for p in (out / "validation").iterdir())
+    assert grids == ["step-00000008.png", "step-00000016.png"]
+    assert Image.open(out / "validation" / grids[0]).size == (2 * 64, 2 * 64)  # 2 seeds x 2 prompts
+    if os.environ.get("SDRAY_UPDATE_GOLDEN"):
+        GOLDEN.write_text("".join(f"{r['step']} {r['loss']:.6f}\n" for r in rows))
+    golden = [line.split() for line in GOLDEN.read_text().splitlines()]
+    assert [int(s) for s, _ in golden] == list(range(1, STEPS + 1))
+    assert losses == pytest.approx([float(v) for _, v in golden], rel=2e-3)
+
+
+def test_export_loads_in_diffusers_with_ema_weights(baseline):
+    from diffusers import StableDiffusionPipeline
+
+    out, result = baseline
+    pipe = StableDiffusionPipeline.from_pretrained(result.model, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        "a red circle", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
+    ).images[0]
+    assert image.size == (64, 64)
+    state = ckpt.read_shared_state(_checkpoints(out)[-1])
+    exported = list(pipe.unet.parameters())
+    shadow = state["ema"]["shadow_params"]
+    assert len(exported) == len(shadow) and all(
+        torch.equal(a, b) for a, b in zip(exported, shadow, strict=True)
+    )
+    raw = dict(pipe.unet.named_parameters())
+    assert any(not torch.equal(raw[k], v) for k, v in state["unet"].items() if k in raw)  # EMA, not raw
+
+
+def test_on_demand_export_of_an_older_checkpoint(baseline, tmp_path):
+    from pipelines.export import main
+
+    out, _ = baseline
+    older = _checkpoints(out)[0]
+    assert main(["--checkpoint", str(older), "--out", str(tmp_path / "m"), "--raw"]) == 0
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "m", subfolder="unet")
+    saved = ckpt.read_shared_state(older)["unet"]
+    assert all(torch.equal(v, saved[k]) for k, v in unet.state_dict().items())
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+
+
+def _checkpoint_registered(out: Path) -> bool:
+    """Ray Train has recorded a checkpoint in its run snapshot (a resume will find it)."""
+    snapshot = out / "ray" / "train" / "checkpoint_manager_snapshot.json"
+    try:
+        return "checkpoint-step-" in snapshot.read_text()
+    except OSError:
+        return False
+
+
+def _train_worker_pids() -> list[int]:
+    """RayTrainWorker processes of this test session's Ray (descendants of this process only)."""
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def killed_run(ray_session, train_cache, tmp_path_factory):
+    """The baseline config, with the worker process SIGKILLed once Ray has registered a checkpoint."""
+    out = tmp_path_factory.mktemp("train") / "killed"
+    cfg = _cfg(train_cache, out, checkpoint_every=2, validate_every=-1, export=False)
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=run_training(cfg, ModelConfig())))
+    thread.start()
+    deadline, killed = time.monotonic() + 240, []
+    while not killed and thread.is_alive() and time.monotonic() < deadline:
+        if _checkpoint_registered(out):
+            for pid in _train_worker_pids():
+                psutil.Process(pid).kill()
+                killed.append(pid)
+        time.sleep(0.02)
+    thread.join(timeout=300)
+    assert killed and not thread.is_alive() and "result" in outcome
+    final = _checkpoints(out)[-1]
+    return cfg, read_metrics(str(out)), ckpt.read_shared_state(final)
+
+
+def test_killed_worker_resumes_with_identical_state(baseline, killed_run):
+    base_out, _ = baseline
+    _, rows, state = killed_run
+    assert state["resumes"] == 1 and state["step"] == STEPS
+    # No step repeated or skipped, and the same data, noise and optimizer path as the uninterrupted run.
+    base_rows = read_metrics(str(base_out))
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in base_rows]
+    base = ckpt.read_shared_state(_checkpoints(base_out)[-1])
+    for a, b in zip(state["ema"]["shadow_params"], base["ema"]["shadow_params"], strict=True):
+        assert torch.equal(a, b)
+    assert state["ema"]["optimization_step"] == base["ema"]["optimization_step"] == STEPS
+    for key, value in base["optimizer"]["state"].items():
+        assert torch.equal(state["optimizer"]["state"][key]["exp_avg_sq"], value["exp_avg_sq"])
+    assert state["lr_scheduler"] == base["lr_scheduler"]
+
+
+def test_restart_resumes_with_two_workers(killed_run):
+    cfg, _, _ = killed_run
+    cfg = dataclasses.replace(cfg, max_steps=STEPS + 4, num_workers=2, grad_accum_steps=2)
+    result = run_training(cfg, ModelConfig())
+    rows = read_metrics(cfg.output)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 5))  # the counter continues at 17
+    assert result.step == STEPS + 4
+    final = _checkpoints(Path(cfg.output))[-1]
+    assert {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in final.iterdir()}  # both ranks saved
+    new = rows[STEPS:]
+    # 2 workers x 2 micro-batches x 4: the global batch is 16, and each step takes ~4 micro-batch times
+    assert all(math.isfinite(r["loss"]) and r["loss"] < 2.0 for r in new)
+    assert ckpt.read_shared_state(final)["resumes"] == 2
+    assert new[0]["epoch"] == 1  # each worker's half-shard of 32 rows gives 4 steps of 2x4 per epoch

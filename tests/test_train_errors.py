@@ -1,0 +1,97 @@
+"""Stage 2 refuses bad input with a clear message: mismatched or empty caches, missing paths, a NaN loss."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from cache_fixtures import write_test_cache
+
+from sdray.data import cache
+from sdray.errors import ConfigError, InputError
+from sdray.models.config import ModelConfig
+from sdray.train.config import TrainConfig
+from sdray.train.metrics import read_metrics
+from sdray.train.run import TrainingDiverged, expected_cache, run_training
+
+
+def _cfg(data, out, **kw) -> TrainConfig:
+    return TrainConfig(data=str(data), output=str(out), batch_size=4, validate_every=-1, export=False, **kw)
+
+
+def test_cache_from_other_encoders_is_refused_naming_both(ray_session, tiny_components, tmp_path):
+    data = write_test_cache(tmp_path / "c", tiny_components, num_rows=4, encoder_fingerprint="0" * 64)
+    ours = expected_cache(TrainConfig(), ModelConfig()).encoder_fingerprint
+    with pytest.raises(InputError) as err:
+        run_training(_cfg(data, tmp_path / "run"), ModelConfig())
+    assert "0" * 16 in str(err.value) and ours[:16] in str(err.value) and str(data) in str(err.value)
+    # another model seed = other encoder weights = another fingerprint
+    assert expected_cache(TrainConfig(), ModelConfig(seed=1)).encoder_fingerprint != ours
+
+
+def test_cache_at_other_resolution_is_refused_naming_both(ray_session, tiny_components, tmp_path):
+    data = write_test_cache(tmp_path / "c", tiny_components, num_rows=4, resolution=128)
+    with pytest.raises(InputError, match=r"cache resolution is 128px but training expects 64px"):
+        run_training(_cfg(data, tmp_path / "run"), ModelConfig())
+
+
+def test_empty_missing_and_too_small_caches(ray_session, tiny_components, tmp_path):
+    empty = write_test_cache(tmp_path / "empty", tiny_components, num_rows=0)
+    with pytest.raises(InputError, match="0 rows"):
+        run_training(_cfg(empty, tmp_path / "run"), ModelConfig())
+    with pytest.raises(InputError, match="does not exist"):
+        run_training(_cfg(tmp_path / "nowhere", tmp_path / "run"), ModelConfig())
+    with pytest.raises(InputError, match="not a latent cache"):
+        run_training(_cfg(tmp_path, tmp_path / "run"), ModelConfig())
+    small = write_test_cache(tmp_path / "small", tiny_components, num_rows=6)
+    with pytest.raises(InputError, match=r"6 rows, but one step needs batch_size x num_workers = 8"):
+        run_training(_cfg(small, tmp_path / "run", num_workers=2), ModelConfig())
+    with pytest.raises(ConfigError, match="train.data"):
+        run_training(TrainConfig(), ModelConfig())
+
+
+def test_cli_reports_a_bad_cache_as_one_line(tmp_path, capsys):
+    from pipelines.train import main
+
+    assert main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: latent cache") and "does not exist" in err[0]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+    ray_session, tiny_components, tmp_path
+):
+    data = write_test_cache(tmp_path / "c", tiny_components, num_rows=16, rows_per_shard=16)
+    shard = data / "part-00000.parquet"
+    table = pq.read_table(shard)
+    info = cache.read_shard_info(shard)
+    latents = table.column(cache.LATENT).combine_chunks().flatten().to_numpy().reshape(16, *info.latent_shape)
+    latents = latents.copy()
+    latents[9] = np.inf  # a corrupt row in the third batch of 4 (rows are read in file order)
+    columns = cache.unflatten(
+        {n: table.column(n).combine_chunks().flatten().to_numpy() for n in cache.tensor_columns(info)}, info
+    )
+    pq.write_table(
+        cache.to_table(
+            info,
+            ids=table.column(cache.ID).to_pylist(),
+            latents=latents,
+            latent_std=columns[cache.LATENT_STD],
+            text_embeds=columns[cache.TEXT_EMBEDS],
+            captions=table.column(cache.CAPTION).to_pylist(),
+        ),
+        shard,
+    )
+    out = tmp_path / "run"
+    cfg = _cfg(data, out, shuffle_buffer=0, checkpoint_every=2, max_steps=8, log_every=1, max_failures=0)
+    with pytest.raises(
+        TrainingDiverged, match=r"loss became nan at step 3; .*checkpoint-step-00000002.*step 2"
+    ):
+        run_training(cfg, ModelConfig())
+    assert [r["step"] for r in read_metrics(str(out))] == [1, 2]
+    assert sorted(p.name for p in (out / "ray" / "train").glob("checkpoint-step-*")) == [
+        "checkpoint-step-00000002"
+    ]
+    assert json.loads((out / "diverged.json").read_text())["step"] == 3
