@@ -16,6 +16,8 @@ from serve_fixtures import decode_png, free_port, running_app
 from sdray.models.config import ModelConfig
 from sdray.serve.config import ServeConfig
 
+pytestmark = pytest.mark.slow  # one Serve start (~15 s idle, a minute on a loaded 2-core machine)
+
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CFG = ServeConfig(
