@@ -161,6 +161,7 @@ def bad_corpus(folder: Path) -> dict[str, str]:
         "nocap": (good, None, rejects.MISSING_CAPTION),
         "blank": (good, "   ", rejects.EMPTY_CAPTION),
         "nan": (good, "a zebra", rejects.NONFINITE_OUTPUT),  # the poisoned token, see poisoned_model
+        None: (good, "a photo", rejects.MISSING_ID),
     }
     pq.write_table(
         pa.table({

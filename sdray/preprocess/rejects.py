@@ -2,7 +2,7 @@
 
 Every input row ends either in a shard or in the reject log (`_rejects/<unit>.jsonl`, one JSON object per
 line: id, reason, detail, input). A row gets the reason of the first check it fails, in this order:
-caption, then image (bytes, header, size, pixels), then the encoder's output.
+id, caption, then image (bytes, header, size, pixels), then the encoder's output.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+MISSING_ID = "missing_id"
+"""The row id is null (the reject log then records id null)."""
 MISSING_CAPTION = "missing_caption"
 """The caption is null (or a list with no strings)."""
 EMPTY_CAPTION = "empty_caption"
@@ -32,6 +34,7 @@ NONFINITE_OUTPUT = "nonfinite_output"
 """The VAE latent or text embedding holds NaN/inf (e.g. fp16 overflow)."""
 
 REASONS = (
+    MISSING_ID,
     MISSING_CAPTION,
     EMPTY_CAPTION,
     MISSING_IMAGE,

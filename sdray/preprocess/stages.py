@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from sdray.data import cache
+from sdray.preprocess import rejects
 from sdray.preprocess.config import PreprocessConfig
 from sdray.preprocess.images import decode_pixels, open_checked, pick_caption
 from sdray.preprocess.inputs import unit_key
@@ -76,13 +77,15 @@ def decode_batch(table: pa.Table, *, cfg: dict[str, Any], model_json: str) -> di
     start = time.perf_counter()
     pre = PreprocessConfig(**cfg)
     n, res = table.num_rows, pre.resolution
-    ids = [str(v) for v in table.column(pre.id_column).to_pylist()]
+    ids = [None if v is None else str(v) for v in table.column(pre.id_column).to_pylist()]
     raw_captions = table.column(pre.caption_column).to_pylist()
     images = _image_bytes(table.column(pre.image_column))
     pixels = np.zeros((n, 3, res, res), np.uint8)
     captions, reasons, details = [""] * n, [""] * n, [""] * n
     for i in range(n):
         try:
+            if ids[i] is None:
+                raise Rejected(rejects.MISSING_ID)
             captions[i] = pick_caption(raw_captions[i], pre.caption_strategy, ids[i])
             image = open_checked(images[i], min_side=pre.min_image_side, max_pixels=pre.max_image_pixels)
             pixels[i] = decode_pixels(image, res)
