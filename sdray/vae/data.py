@@ -1,13 +1,13 @@
 """Images for VAE training through Ray Data: read the parquet, split by id hash, decode to uint8 pixels.
 
-The pure functions (`decode_image`, `decode_batch`) know nothing of Ray; `image_datasets` holds the only
-`map_batches` wiring. Pixels travel as uint8 (4x smaller than float32) and become floats in [-1, 1] on the
-worker (`to_model_input`).
+The pure functions (`decode_image`, `decode_batch`) know nothing of Ray and decode with the preprocessing
+stage's own functions (`sdray.preprocess.images`), so the VAE trains on exactly the pixels it will later
+encode; `image_datasets` holds the only `map_batches` wiring. Pixels travel as uint8 (4x smaller than
+float32) and become floats in [-1, 1] on the worker (`to_model_input`).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import zlib
 from pathlib import Path
@@ -16,28 +16,29 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
 from sdray.errors import InputError
+from sdray.preprocess.config import PreprocessConfig
+from sdray.preprocess.images import decode_pixels, normalise, open_checked
+from sdray.preprocess.rejects import Rejected
 from sdray.vae.config import VaeTrainConfig
 
 log = logging.getLogger(__name__)
 
 PIXELS = "pixels"
+_LIMITS = PreprocessConfig()  # image size limits shared with preprocessing
 Split = Literal["train", "val"]
 
 
-def decode_image(data: bytes, resolution: int) -> np.ndarray:
-    """Encoded image bytes -> (3, resolution, resolution) uint8: shortest side resized, centre cropped."""
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
-        scale = resolution / min(image.size)
-        if scale != 1.0:
-            size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-            image = image.resize(size, Image.BICUBIC)
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+def decode_image(data: bytes | None, resolution: int) -> np.ndarray:
+    """Encoded image bytes -> (3, resolution, resolution) uint8, exactly as `sdray preprocess` decodes
+    (EXIF orientation, RGB, shorter side resized, centre crop, the same size limits).
+
+    Raises:
+        Rejected: the reason code preprocessing would log (not_an_image, too_small, corrupt, ...).
+    """
+    image = open_checked(data, min_side=_LIMITS.min_image_side, max_pixels=_LIMITS.max_image_pixels)
+    return decode_pixels(image, resolution)
 
 
 def in_holdout(row_id: str, fraction: float) -> bool:
@@ -67,8 +68,8 @@ def decode_batch(batch: pa.Table, *, cfg: VaeTrainConfig, split: Split) -> dict[
             continue
         try:
             pixels.append(decode_image(data, cfg.resolution))
-        except Exception as exc:  # noqa: BLE001 - any undecodable row is skipped, not fatal
-            log.warning("row %s: cannot decode image, skipped: %s", row_id, exc)
+        except Rejected as exc:  # skipped, not fatal: the VAE only needs enough good images
+            log.warning("row %s: image skipped: %s", row_id, exc)
     shape = (len(pixels), 3, cfg.resolution, cfg.resolution)
     return {PIXELS: np.stack(pixels) if pixels else np.zeros(shape, np.uint8)}
 
@@ -106,4 +107,4 @@ def image_datasets(cfg: VaeTrainConfig):
 
 def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, R, R) uint8 -> float32 in [-1, 1]."""
-    return pixels.float().div(127.5).sub(1.0)
+    return normalise(pixels.float())
