@@ -268,11 +268,11 @@ def test_killed_run_resumes_to_the_uninterrupted_rows(synth_cache, synth_dir, ra
     for item in [*FAST, *slow]:
         args += ["--set", item]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    log = (tmp_path / "driver.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.preprocess", *args], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
+        [sys.executable, "-m", "pipelines.preprocess", *args], cwd=ROOT, env=env, stdout=log, stderr=log
+    )
+    deadline = time.monotonic() + 240
     while (
         not list((out / MANIFEST_DIR).glob("*.json")) and proc.poll() is None and time.monotonic() < deadline
     ):
@@ -280,7 +280,9 @@ def test_killed_run_resumes_to_the_uninterrupted_rows(synth_cache, synth_dir, ra
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_at_kill = len(list((out / MANIFEST_DIR).glob("*.json")))
-    assert 0 < done_at_kill < 16, f"kill landed outside the run ({done_at_kill}/16 files done)"
+    log.close()
+    tail = (tmp_path / "driver.log").read_text()[-3000:]
+    assert 0 < done_at_kill < 16, f"kill landed outside the run ({done_at_kill}/16 files done):\n{tail}"
     # Leftovers a kill can leave at any moment: a shard of an unfinished file, a write cut off mid-way.
     done = {p.stem for p in (out / MANIFEST_DIR).glob("*.json")}
     unfinished = next(

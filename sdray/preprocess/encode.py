@@ -35,8 +35,11 @@ class Encoder:
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         if self.device.type == "cpu" and num_threads > 0:
             torch.set_num_threads(num_threads)
-        self.vae = components.vae.to(self.device, self.dtype)
-        self.text_encoder = components.text_encoder.to(self.device, self.dtype)
+        # Loaded in fp32; cast only when needed (diffusers warns on every AutoencoderKL.to(dtype)).
+        self.vae, self.text_encoder = (
+            m.to(self.device) if self.dtype == torch.float32 else m.to(self.device, self.dtype)
+            for m in (components.vae, components.text_encoder)
+        )
         log.info("encoder actor: %s on %s (%s)", model_cfg.source, self.device, self.dtype)
 
     @torch.inference_mode()

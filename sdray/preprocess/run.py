@@ -109,7 +109,7 @@ class Ledger:
         record.shards.sort()
         self.out.commit(self.keys[path], record, self.rejects.pop(path, []))
         self.committed.append(record)
-        log.info("done %s: %d written, %d rejected", path, record.written, sum(record.rejected.values()))
+        log.debug("done %s: %d written, %d rejected", path, record.written, sum(record.rejected.values()))
 
     def finish(self) -> None:
         """After the stream ends every input file must be committed; else the run is incomplete (a bug)."""
