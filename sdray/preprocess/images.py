@@ -38,8 +38,8 @@ def open_checked(data: bytes | None, *, min_side: int, max_pixels: int) -> Image
             raise Rejected(rejects.TOO_LARGE, str(exc)) from None
         except UnidentifiedImageError:
             raise Rejected(rejects.NOT_AN_IMAGE, f"{len(data)} bytes, unknown format") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise Rejected(_decode_reason(exc), f"header: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - untrusted bytes: Pillow's plugins raise many kinds
+            raise Rejected(_decode_reason(exc), f"header: {type(exc).__name__}: {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise Rejected(rejects.TOO_LARGE, f"{width}x{height} > {max_pixels} pixels")
@@ -59,14 +59,17 @@ def decode_pixels(image: Image.Image, resolution: int) -> np.ndarray:
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise Rejected(_decode_reason(exc), str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: Pillow's plugins raise many kinds
+        raise Rejected(_decode_reason(exc), f"{type(exc).__name__}: {exc}") from None
     square = resize_center_crop(to_rgb(image), resolution)
     return np.asarray(square, dtype=np.uint8).transpose(2, 0, 1).copy()  # (3, R, R)
 
 
 def _decode_reason(exc: BaseException) -> str:
-    return rejects.TRUNCATED if "truncat" in str(exc).lower() else rejects.CORRUPT
+    if isinstance(exc, Image.DecompressionBombError):
+        return rejects.TOO_LARGE
+    truncated = isinstance(exc, EOFError) or "truncat" in str(exc).lower()
+    return rejects.TRUNCATED if truncated else rejects.CORRUPT
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

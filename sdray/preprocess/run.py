@@ -92,7 +92,9 @@ class Ledger:
                 continue
             if e["name"]:
                 if e["name"] in record.shards:
-                    raise RuntimeError(f"shard {e['name']} reported twice for {e['unit']}")
+                    raise RuntimeError(
+                        f"shard {e['name']} reported twice for {e['unit']}: duplicate ids in it?"
+                    )
                 record.shards.append(e["name"])
             record.written += e["rows"]
             record.bytes_written += e["bytes"]
