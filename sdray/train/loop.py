@@ -120,6 +120,48 @@ def _publish(spec: RunSpec, state: TrainingState, rank: int, *, curve: bool) -> 
             metrics.write_loss_curve(spec.train.output, state.history)
 
 
+def _start(spec: RunSpec, rank: int, world: int, device: torch.device) -> StepRunner:
+    """Build the state (or restore it from Ray's latest checkpoint) and wrap the UNet for DDP."""
+    import ray.train
+    import ray.train.torch
+
+    state = build_state(spec.train, spec.model, device, rank)
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as directory:
+            checkpoint.load_into(directory, state, rank)
+        state.resumes += 1
+        log.info(
+            "rank %d: resumed at step %d (epoch %d, batch %d)",
+            rank,
+            state.step,
+            state.epoch,
+            state.batches_in_epoch,
+        )
+    model = ray.train.torch.prepare_model(state.unet)  # DDP when world > 1; moves to the device
+    scheduler = load_components(spec.model, ["scheduler"]).scheduler
+    empty = torch.from_numpy(read_empty_caption(spec.train.data, spec.info)).to(device)
+    return StepRunner(spec, state, model, scheduler, empty, device, world)
+
+
+def _after_step(runner: StepRunner, row: dict, rank: int, validator) -> None:
+    """Checkpoint (every checkpoint_every and at the end) or report (every log_every); validate."""
+    import ray.train
+
+    spec, state, cfg = runner.spec, runner.state, runner.spec.train
+    last = state.step == cfg.max_steps
+    if state.step % cfg.checkpoint_every == 0 or last:
+        _publish(spec, state, rank, curve=True)
+        checkpoint.save(state, spec, rank, row)
+    elif state.step % cfg.log_every == 0:
+        _publish(spec, state, rank, curve=False)
+        ray.train.report(row)
+    if validator is not None and (last or (cfg.validate_every > 0 and state.step % cfg.validate_every == 0)):
+        validator.save(
+            state.unet, state.ema, step=state.step, run_uri=cfg.output, resolution=spec.info.resolution
+        )
+
+
 def train_worker(config: dict) -> None:
     """Ray Train entry: ``config`` is RunSpec.to_dict() (train + model config and cache metadata)."""
     spec = RunSpec.from_dict(config)
@@ -133,35 +175,20 @@ def train_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    # 2. Model, optimizer, LR schedule, EMA; resume from the latest checkpoint if Ray has one.
-    state = build_state(cfg, spec.model, device, rank)
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as directory:
-            checkpoint.load_into(directory, state, rank)
-        state.resumes += 1
-        log.info(
-            "rank %d: resumed at step %d (epoch %d, batch %d)",
-            rank,
-            state.step,
-            state.epoch,
-            state.batches_in_epoch,
-        )
-    model = ray.train.torch.prepare_model(state.unet)
-    scheduler = load_components(spec.model, ["scheduler"]).scheduler
-    empty = torch.from_numpy(read_empty_caption(cfg.data, spec.info)).to(device)
-    runner = StepRunner(spec, state, model, scheduler, empty, device, world)
+    # 2. Model, optimizer, LR schedule, EMA; resumed from the latest checkpoint if Ray has one.
+    runner = _start(spec, rank, world, device)
+    state = runner.state
 
-    # 3. Data: this worker's shard, streamed.
+    # 3. Data: this worker's shard, streamed; rank 0 also renders validation grids.
     batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, state, rank)
     validator = None
     if rank == 0 and cfg.validate_every >= 0:
         from sdray.train.validation import Validator
 
-        validator = Validator(cfg, spec.model, runner_target(runner), device)
-    samples_per_step = cfg.batch_size * cfg.grad_accum_steps * world
+        target = cfg.loss_config(runner.scheduler.config.prediction_type).prediction_type
+        validator = Validator(cfg, spec.model, target, device)
 
-    # 4. Training loop: step, record, report, checkpoint, validate.
+    # 4. Training loop: step, stop on a non-finite loss, record, checkpoint or report, validate.
     while state.step < cfg.max_steps:
         start = time.perf_counter()
         loss, grad_norm, waited = runner.step(batches)
@@ -172,37 +199,17 @@ def train_worker(config: dict) -> None:
         timing = {
             "step_time_s": time.perf_counter() - start,
             "data_wait_s": waited,
-            "samples": samples_per_step,
+            "samples": cfg.batch_size * cfg.grad_accum_steps * world,
         }
+        lr = state.lr_scheduler.get_last_lr()[0]
         row = metrics.step_row(
-            step=state.step,
-            epoch=state.epoch,
-            loss=loss,
-            lr=state.lr_scheduler.get_last_lr()[0],
-            grad_norm=grad_norm,
-            timing=timing,
+            step=state.step, epoch=state.epoch, loss=loss, lr=lr, grad_norm=grad_norm, timing=timing
         )
         state.history.append(row)
-        last = state.step == cfg.max_steps
-        if state.step % cfg.checkpoint_every == 0 or last:
-            _publish(spec, state, rank, curve=True)
-            checkpoint.save(state, spec, rank, row)
-        elif state.step % cfg.log_every == 0:
-            _publish(spec, state, rank, curve=False)
-            ray.train.report(row)
-        if validator is not None and (
-            last or (cfg.validate_every > 0 and state.step % cfg.validate_every == 0)
-        ):
-            validator.save(
-                state.unet, state.ema, step=state.step, run_uri=cfg.output, resolution=spec.info.resolution
-            )
+        _after_step(runner, row, rank, validator)
 
     # 5. End: the last step was checkpointed in the loop; publish the final metrics and loss curve.
     _publish(spec, state, rank, curve=True)
-
-
-def runner_target(runner: StepRunner) -> str:
-    return runner.spec.train.loss_config(runner.scheduler.config.prediction_type).prediction_type
 
 
 def _stop_diverged(spec: RunSpec, state: TrainingState, rank: int, loss: float) -> None:
