@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from typing import Any
 
@@ -193,11 +194,17 @@ def start(serve_cfg: ServeConfig, model_cfg: ModelConfig, *, api_key: str | None
     return f"http://{serve_cfg.host}:{serve_cfg.port}/"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_forever(serve_cfg: ServeConfig, model_cfg: ModelConfig, *, ready: Any = None) -> None:
     """`sdray serve`: start Ray (local, or the cluster in RAY_ADDRESS), deploy, block until interrupted."""
     import ray
 
     ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    # ray.init installs a SIGTERM handler that aborts the process; stop cleanly (Serve shut down) instead.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         url = start(serve_cfg, model_cfg)
         if ready is not None:
