@@ -16,7 +16,7 @@ from sdray.data.synth import Scene, SynthConfig, iter_scenes, render
 from sdray.errors import InputError
 from sdray.evaluate import faithfulness, parse_caption, recover
 from sdray.evaluate.faithfulness import CHANCE, derangement, evaluation_prompts
-from sdray.evaluate.report import EvaluateOptions, evaluate_dir, read_manifest
+from sdray.evaluate.report import EvaluateOptions, evaluate_dir, read_manifest, write_samples
 
 ATTRS = ("color", "shape", "position")
 
@@ -110,13 +110,7 @@ def test_derangement_moves_every_item():
 
 
 def _write_generated(directory: Path, scenes, n: int) -> None:
-    directory.mkdir()
-    lines = []
-    for i, (image, attrs) in enumerate(scenes[:n]):
-        image.save(directory / f"{i:03d}.png")
-        scene = Scene(**attrs)
-        lines.append(json.dumps({"file": f"{i:03d}.png", "prompt": scene.caption}))
-    (directory / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    write_samples(directory, [im for im, _ in scenes[:n]], [Scene(**a).caption for _, a in scenes[:n]])
 
 
 def test_evaluate_dir_writes_metrics_and_grid(tmp_path, scenes, synth_dir):

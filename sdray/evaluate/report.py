@@ -24,7 +24,7 @@ from sdray.data.synth import read_synth_meta
 from sdray.errors import InputError
 from sdray.evaluate.attributes import EVALUATED
 from sdray.evaluate.faithfulness import Attrs, faithfulness, parse_caption, summary_lines
-from sdray.io import atomic_write_bytes, atomic_write_text
+from sdray.io import atomic_dir, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
@@ -132,6 +132,37 @@ def write_grid(path: str | Path, grid: Image.Image) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def write_samples(out_dir: str | Path, images: Sequence[Image.Image], prompts: Sequence[str]) -> Path:
+    """Save images as NNNNN.png with a `manifest.jsonl`, the input `sdray evaluate --generated` reads.
+    Written atomically (a temp folder renamed into place; an existing ``out_dir`` is replaced)."""
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        lines = []
+        for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+            image.save(tmp / f"{i:05d}.png")
+            lines.append(json.dumps({"file": f"{i:05d}.png", "prompt": prompt}))
+        (tmp / MANIFEST).write_text("\n".join(lines) + "\n")
+    return Path(out_dir)
+
+
+def write_evaluation(
+    out_dir: str | Path,
+    metrics: dict,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    targets: Sequence[Attrs],
+    *,
+    grid_images: int = 32,
+) -> None:
+    """Write ``metrics.json`` (from :func:`faithfulness`) and ``grid.png`` of the first ``grid_images``."""
+    out = Path(out_dir)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    shown = min(grid_images, len(images))
+    correct = [
+        all(r[a] == t[a] for a in EVALUATED) for r, t in zip(metrics["recovered"], targets, strict=True)
+    ]
+    write_grid(out / "grid.png", sample_grid(images[:shown], prompts[:shown], correct=correct[:shown]))
+
+
 def evaluate_dir(opts: EvaluateOptions) -> dict:
     """Score ``opts.generated`` and write ``metrics.json`` and ``grid.png`` to ``opts.output``."""
     images, prompts, targets = read_manifest(opts.generated)
@@ -145,13 +176,7 @@ def evaluate_dir(opts: EvaluateOptions) -> dict:
         base_images, _, base_targets = read_manifest(opts.baseline)
         baseline = (base_images, base_targets)
     metrics = faithfulness(images, targets, held_out=held_out, real=real, baseline=baseline, seed=opts.seed)
-    out = Path(opts.output)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    shown = min(opts.grid_images, len(images))
-    correct = [
-        all(r[a] == t[a] for a in EVALUATED) for r, t in zip(metrics["recovered"], targets, strict=True)
-    ]
-    write_grid(out / "grid.png", sample_grid(images[:shown], prompts[:shown], correct=correct[:shown]))
+    write_evaluation(opts.output, metrics, images, prompts, targets, grid_images=opts.grid_images)
     for line in summary_lines(metrics):
         log.info("%s", line)
     return metrics
