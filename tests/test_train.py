@@ -31,8 +31,10 @@ STEPS = 16
 
 @pytest.fixture(scope="module")
 def train_cache(tiny_components, tmp_path_factory) -> Path:
-    """64 rows (posterior mean and std) in 4 shards: 16 batches of 4 per epoch."""
-    return write_test_cache(tmp_path_factory.mktemp("train") / "cache", tiny_components, num_rows=64)
+    """64 rows (posterior mean and std) in 2 shards: 16 batches of 4 per epoch."""
+    return write_test_cache(
+        tmp_path_factory.mktemp("train") / "cache", tiny_components, num_rows=64, rows_per_shard=32
+    )
 
 
 def _cfg(cache: Path, out: Path, **overrides) -> TrainConfig:

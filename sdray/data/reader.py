@@ -95,6 +95,13 @@ def check_compatible(info: cache.CacheInfo, expected: ExpectedCache, *, where: s
         )
 
 
+def _shard_rows(fs: pafs.FileSystem, shard: str) -> int:
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(shard) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
 def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
     """Validate the cache at ``path`` against ``expected`` and open its tensor columns with Ray Data.
 
@@ -116,10 +123,10 @@ def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
     ]
     if not shards:
         raise InputError(f"{path}: latent cache has no parquet shards (empty data set)")
-    dataset = ray.data.read_parquet(sorted(shards), filesystem=fs, columns=columns)
-    num_rows = dataset.count()
+    num_rows = sum(_shard_rows(fs, shard) for shard in shards)  # parquet footers only: no Ray job
     if num_rows == 0:
         raise InputError(f"{path}: latent cache has 0 rows (empty data set)")
+    dataset = ray.data.read_parquet(sorted(shards), filesystem=fs, columns=columns)
     log.info(
         "latent cache %s: %d rows, latents %s, text %s",
         path,
