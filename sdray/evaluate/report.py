@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sdray.data.synth import read_synth_meta
 from sdray.errors import InputError
 from sdray.evaluate.attributes import EVALUATED
-from sdray.evaluate.faithfulness import Attrs, faithfulness, parse_caption, summary_lines
+from sdray.evaluate.faithfulness import Attrs, faithfulness, parse_caption
 from sdray.io import atomic_dir, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,5 @@ def evaluate_dir(opts: EvaluateOptions) -> dict:
         baseline = (base_images, base_targets)
     metrics = faithfulness(images, targets, held_out=held_out, real=real, baseline=baseline, seed=opts.seed)
     write_evaluation(opts.output, metrics, images, prompts, targets, grid_images=opts.grid_images)
-    for line in summary_lines(metrics):
-        log.info("%s", line)
+    log.info("evaluated %d images; wrote %s/metrics.json and grid.png", len(images), opts.output)
     return metrics
