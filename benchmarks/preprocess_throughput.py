@@ -84,14 +84,14 @@ def main() -> None:
     parser.add_argument("--encode-batch-size", type=int, default=16)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    ray.init(address="local", num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="sdray-bench-"))
     result = {
         "machine": f"{platform.machine()}, {cores} cores, no GPU, shared with other jobs (see load averages)",
         "load_average_at_start": os.getloadavg(),
         "preset": args.preset,
         "resolution": args.resolution,
-        "ray": f"num_cpus={cores + 2} logical; decode tasks 1 CPU, one encoder actor with {cores} torch threads",
+        "ray": f"num_cpus={cores}; decode tasks 1 CPU, one encoder actor (1 CPU reserved, {cores} torch threads)",
         "runs": [],
     }
     try:
@@ -106,7 +106,7 @@ def main() -> None:
                     f"preprocess.output={work / f'ray{n}'}",
                     f"preprocess.resolution={args.resolution}",
                     f"preprocess.encode_batch_size={args.encode_batch_size}",
-                    f"preprocess.encode_num_cpus={cores}",
+                    f"preprocess.encode_threads={cores}",
                     "preprocess.decode_batch_size=16",
                 ],
             )

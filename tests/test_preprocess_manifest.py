@@ -7,6 +7,8 @@ import pytest
 
 from sdray.data import cache
 from sdray.errors import ConfigError, InputError
+from sdray.preprocess.config import PreprocessConfig
+from sdray.preprocess.dataset import check_cpus
 from sdray.preprocess.manifest import OutputDir, UnitRecord, totals
 
 INFO = cache.CacheInfo(
@@ -53,3 +55,9 @@ def test_commit_clean_and_totals(tmp_path):
     summary = totals(out.done())
     assert (summary["rows_in"], summary["rows_written"], summary["rows_rejected"]) == (3, 2, 1)
     assert summary["rejected_by_reason"] == {"corrupt": 1}
+
+
+def test_encoder_actors_may_not_take_every_cpu():
+    check_cpus(PreprocessConfig(encode_num_cpus=1), 2)
+    with pytest.raises(ConfigError, match=r"cluster has 2 CPUs but encoder actors take 2 .*stalls"):
+        check_cpus(PreprocessConfig(encode_num_cpus=2), 2)

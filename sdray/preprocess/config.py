@@ -43,7 +43,9 @@ class PreprocessConfig:
     encode_num_gpus: float = 1.0
     """GPUs per encoder actor when the cluster has GPUs (ignored on a CPU-only cluster: fp32 on CPU)."""
     encode_num_cpus: float = 1.0
-    """CPUs per encoder actor; on a CPU-only machine also the torch threads it uses."""
+    """CPUs Ray reserves per encoder actor (leave some for the read/decode tasks)."""
+    encode_threads: int = 0
+    """Torch threads of an encoder actor on CPU; 0: the node's cores / encode_concurrency (shared with decoding)."""
     write_num_cpus: float = 0.5
     """CPUs reserved per shard-writing task (mostly I/O)."""
     rows_per_shard: int = 512
@@ -70,6 +72,8 @@ class PreprocessConfig:
         }.items():
             if value <= 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.encode_threads < 0:
+            raise ConfigError(f"encode_threads must be >= 0, got {self.encode_threads}")
         if self.encode_num_gpus < 0:
             raise ConfigError(f"encode_num_gpus must be >= 0, got {self.encode_num_gpus}")
         columns = (self.image_column, self.caption_column, self.id_column)

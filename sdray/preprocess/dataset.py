@@ -12,7 +12,9 @@ import ray
 
 from sdray.config import to_dict
 from sdray.data.cache import CacheInfo
+from sdray.errors import ConfigError
 from sdray.pipeline_config import PipelineConfig
+from sdray.preprocess.config import PreprocessConfig
 from sdray.preprocess.encode import Encoder
 from sdray.preprocess.manifest import OutputDir
 from sdray.preprocess.stages import decode_batch, write_shards
@@ -23,6 +25,22 @@ _WORKER_BYTES = 640 * 1024**2  # the worker's imports (transformers: ~400 MiB) a
 def encoder_gpus(requested: float) -> float:
     """GPUs per encoder actor: the configured amount when the cluster has GPUs, else 0 (CPU, fp32)."""
     return requested if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def check_cpus(pre: PreprocessConfig, total_cpus: float) -> None:
+    """Refuse settings whose encoder actors would hold every CPU: the read/decode tasks could never start.
+
+    Raises:
+        ConfigError: naming the settings and the cluster's CPU count.
+    """
+    actors = pre.encode_concurrency * pre.encode_num_cpus
+    need = actors + max(pre.decode_num_cpus, pre.write_num_cpus, 1.0)
+    if need > total_cpus:
+        raise ConfigError(
+            f"the cluster has {total_cpus:g} CPUs but encoder actors take {actors:g} "
+            f"(preprocess.encode_concurrency x encode_num_cpus) and read/decode tasks need at least "
+            f"{need - actors:g} more, or the pipeline stalls; lower encode_num_cpus/encode_concurrency or add nodes"
+        )
 
 
 def decode_memory_bytes(batch_size: int, resolution: int) -> int:
@@ -39,6 +57,7 @@ def build_dataset(
     back-pressure, so memory stays bounded whatever the number of input rows.
     """
     pre = cfg.preprocess
+    check_cpus(pre, ray.cluster_resources().get("CPU", 0.0))
     ds = ray.data.read_parquet(
         paths,
         filesystem=fs,
@@ -65,7 +84,8 @@ def build_dataset(
         fn_constructor_kwargs={
             "model": to_dict(cfg.model),
             "info_json": info.to_json(),
-            "num_threads": max(1, round(pre.encode_num_cpus)),
+            "num_threads": pre.encode_threads,
+            "actors": pre.encode_concurrency,
         },
     )
     return ds.map_batches(

@@ -8,6 +8,7 @@ overflow, broken weights) are marked rejected here instead of poisoning the cach
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -27,14 +28,17 @@ log = logging.getLogger(__name__)
 class Encoder:
     """``map_batches`` class: adds latent / latent_std / text_embeds, drops pixels and input_ids."""
 
-    def __init__(self, *, model: dict[str, Any], info_json: str, num_threads: int = 0) -> None:
+    def __init__(
+        self, *, model: dict[str, Any], info_json: str, num_threads: int = 0, actors: int = 1
+    ) -> None:
+        """``num_threads``: torch threads on CPU; 0 shares this node's cores among ``actors`` actors."""
         self.info = CacheInfo.from_json(info_json, where="cache info")
         model_cfg = from_dict(ModelConfig, model, where="model")
         components = load_components(model_cfg, parts=("text_encoder", "vae"))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        if self.device.type == "cpu" and num_threads > 0:
-            torch.set_num_threads(num_threads)
+        if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS to the reserved CPUs: often 1
+            torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // actors))
         # Loaded in fp32; cast only when needed (diffusers warns on every AutoencoderKL.to(dtype)).
         self.vae, self.text_encoder = (
             m.to(self.device) if self.dtype == torch.float32 else m.to(self.device, self.dtype)
