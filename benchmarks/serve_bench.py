@@ -20,6 +20,7 @@ import platform
 import socket
 import statistics
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -83,13 +84,46 @@ def _overhead(url: str, sampler: Sampler, body: dict, req: GenerationRequest, ro
             start = time.perf_counter()
             assert c.post(url, json=body).status_code == 200
             http.append((time.perf_counter() - start) * 1000)
+    base = url.removesuffix("/v1/images/generations")
+    hops = {"ingress_only_ms": [], "ingress_and_model_ms": []}
+    with httpx.Client(timeout=600) as c:
+        for _ in range(rounds):  # Serve's own round trips, no compute: proxy -> ingress (-> model handle)
+            for key, path in (
+                ("ingress_only_ms", "/sdapi/v1/samplers"),
+                ("ingress_and_model_ms", "/healthz"),
+            ):
+                start = time.perf_counter()
+                c.get(base + path)
+                hops[key].append((time.perf_counter() - start) * 1000)
     return {
         "steps": req.steps,
         "rounds": rounds,
+        "get_samplers_p50_ms": statistics.median(hops["ingress_only_ms"]),
+        "get_healthz_p50_ms": statistics.median(hops["ingress_and_model_ms"]),
         "direct_p50_ms": statistics.median(direct),
         "http_p50_ms": statistics.median(http),
         "overhead_p50_ms": statistics.median(http) - statistics.median(direct),
         "overhead_median_of_pairs_ms": statistics.median(h - d for h, d in zip(http, direct, strict=True)),
+    }
+
+
+def _in_process_batching(sampler: Sampler, req: GenerationRequest, rounds: int = 3) -> dict:
+    """The compute gain alone: 8 requests as one batch vs one at a time, in this process, interleaved."""
+    reqs = [replace(req, seeds=(i,)) for i in range(8)]
+    ratios, single_s, batch_s = [], [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for r in reqs:
+            sampler.sample([r], list(r.seeds))
+        single_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        sampler.sample(reqs, list(range(8)))
+        batch_s.append(time.perf_counter() - start)
+        ratios.append(single_s[-1] / batch_s[-1])
+    return {
+        "eight_singles_s": single_s,
+        "one_batch_of_eight_s": batch_s,
+        "speedup_median": statistics.median(ratios),
     }
 
 
@@ -191,13 +225,15 @@ def main() -> None:
             _overhead(urls["unbatched"], sampler, {**body, "steps": steps}, req, args.overhead_rounds)
         )
         print(json.dumps(overhead[-1]), flush=True)
+    in_process = _in_process_batching(sampler, req)
+    print(json.dumps(in_process), flush=True)
     machine["load_average_at_end"] = os.getloadavg()
     serve.shutdown()
     ray.shutdown()
-    _write(machine, vars(args), load, overhead)
+    _write(machine, vars(args), load, overhead, in_process)
 
 
-def _write(machine: dict, settings: dict, load: list[dict], overhead: list[dict]) -> None:
+def _write(machine: dict, settings: dict, load: list[dict], overhead: list[dict], in_process: dict) -> None:
     by = {(row["app"], row["concurrency"]): row for row in load}
     speedup = {
         c: by["batched", c]["throughput_img_s"] / by["unbatched", c]["throughput_img_s"] for c in (1, 4, 8)
@@ -209,6 +245,7 @@ def _write(machine: dict, settings: dict, load: list[dict], overhead: list[dict]
         "load": load,
         "batching_speedup": speedup,
         "overhead": overhead,
+        "in_process_batching": in_process,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"serve_{'tiny' if not settings['model'] else 'model'}_{settings['size']}px"
@@ -240,11 +277,20 @@ def _write(machine: dict, settings: dict, load: list[dict], overhead: list[dict]
         "Batching speedup (median over rounds of batched / unbatched throughput in the same round): "
         + ", ".join(f"concurrency {c}: {s:.2f}x" for c, s in speedup.items()),
         "",
-        "| steps | direct p50 ms (sampler + PNG) | HTTP p50 ms | overhead p50 ms | median of paired differences ms |",
-        "|---|---|---|---|---|",
+        "Without Serve (the sampler in this process, same request): one batch of 8 vs 8 single requests, "
+        f"median speedup {in_process['speedup_median']:.2f}x over {len(in_process['eight_singles_s'])} "
+        "interleaved rounds.",
+        "",
+        "Serve overhead: HTTP p50 minus in-process p50 (interleaved). For scale, Serve's own round trips "
+        "without compute: GET /sdapi/v1/samplers (proxy -> ingress) and GET /healthz (proxy -> ingress -> "
+        "model handle).",
+        "",
+        "| steps | direct p50 ms (sampler + PNG) | HTTP p50 ms | overhead p50 ms | median of paired differences ms "
+        "| GET samplers p50 ms | GET healthz p50 ms |",
+        "|---|---|---|---|---|---|---|",
         *(
             f"| {o['steps']} | {o['direct_p50_ms']:.1f} | {o['http_p50_ms']:.1f} | {o['overhead_p50_ms']:.1f} | "
-            f"{o['overhead_median_of_pairs_ms']:.1f} |"
+            f"{o['overhead_median_of_pairs_ms']:.1f} | {o['get_samplers_p50_ms']:.1f} | {o['get_healthz_p50_ms']:.1f} |"
             for o in overhead
         ),  # fmt: skip
         "",

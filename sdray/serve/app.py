@@ -55,6 +55,8 @@ class SDModel:
         )
         self.generate_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self._idle = asyncio.Event()  # set while no batch runs (see `generate`)
+        self._idle.set()
         self.failures = 0
         self.batches = 0
         self.largest_batch = 0
@@ -76,7 +78,13 @@ class SDModel:
             raise RuntimeError(f"{self.failures} consecutive batches failed")
 
     async def generate(self, req: GenerationRequest) -> list[bytes]:
-        """PNG bytes of each image of ``req`` (validated by the ingress)."""
+        """PNG bytes of each image of ``req`` (validated by the ingress).
+
+        Requests wait at this door while a batch runs. Serve forms the next batch while the previous one is
+        still running (ray/serve/batching.py `_process_batches`), so without the door a batch closes after
+        `batch_wait_timeout_s` with whoever came by then, and a busy replica alternates half-full batches.
+        """
+        await self._idle.wait()
         return await self.generate_batch(req)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -84,6 +92,7 @@ class SDModel:
         from sdray.serve.sampler import to_png
 
         log.debug("batch of %d requests, buckets %s", len(requests), {r.bucket for r in requests})
+        self._idle.clear()
         try:  # in a thread: the event loop keeps accepting requests for the next batch meanwhile
             images = await asyncio.to_thread(
                 self.sampler.generate, requests, max_batch=self.cfg.max_batch_size
@@ -91,6 +100,8 @@ class SDModel:
         except Exception:
             self.failures += 1
             raise
+        finally:
+            self._idle.set()
         self.failures = 0
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(requests))
