@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -66,11 +64,9 @@ def test_train_vae_two_workers_exports_loadable_vae(ray_session, synth_dir, tmp_
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 
-def test_cli_missing_data_exits_2(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "train-vae", "--data", str(tmp_path / "nope"), "--out",
-         str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    assert "nope: no such file or directory" in result.stderr
+def test_cli_missing_data_exits_2(tmp_path, capsys):
+    from pipelines.train_vae import main
+
+    assert main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]) == 2
+    assert f"error: vae_train.data {tmp_path / 'nope'}: no such file or directory" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
