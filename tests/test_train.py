@@ -25,6 +25,8 @@ from sdray.train.config import TrainConfig
 from sdray.train.metrics import read_metrics
 from sdray.train.run import run_training
 
+pytestmark = pytest.mark.slow  # each Ray Train run starts worker processes: ~15-40 s apiece on 2 cores
+
 GOLDEN = Path(__file__).parent / "golden" / "tiny_loss.txt"
 STEPS = 16
 
@@ -187,7 +189,9 @@ def test_killed_worker_resumes_with_identical_state(baseline, killed_run):
     for a, b in zip(state["ema"]["shadow_params"], base["ema"]["shadow_params"], strict=True):
         assert torch.equal(a, b)
     assert state["ema"]["optimization_step"] == base["ema"]["optimization_step"] == STEPS
+    assert all(torch.equal(state["unet"][k], v) for k, v in base["unet"].items())
     for key, value in base["optimizer"]["state"].items():
+        assert torch.equal(state["optimizer"]["state"][key]["exp_avg"], value["exp_avg"])
         assert torch.equal(state["optimizer"]["state"][key]["exp_avg_sq"], value["exp_avg_sq"])
     assert state["lr_scheduler"] == base["lr_scheduler"]
 

@@ -60,6 +60,7 @@ def test_cli_reports_a_bad_cache_as_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: latent cache") and "does not exist" in err[0]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     ray_session, tiny_components, tmp_path
 ):
