@@ -11,7 +11,6 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -53,10 +52,10 @@ class TrainResult:
 def _arch(model_cfg: ModelConfig, part: str) -> dict[str, Any]:
     """The constructor config of ``part`` without building it."""
     if model_cfg.path:
-        file = Path(model_cfg.path) / part / "config.json"
-        if not file.is_file():
+        uri = storage.join(model_cfg.path, part, "config.json")  # local path or s3:// URI
+        if not storage.exists(uri):
             raise InputError(f"model.path {model_cfg.path}: no {part}/config.json")
-        return json.loads(file.read_text())
+        return json.loads(storage.read_bytes(uri))
     return {**PRESETS[model_cfg.preset][part], **getattr(model_cfg, part)}
 
 
@@ -104,6 +103,27 @@ def _trainer(spec: RunSpec, dataset: Any):
     )
 
 
+def _remove(uri: str) -> None:
+    if storage.exists(uri):
+        fs, path = storage.resolve(uri)
+        fs.delete_file(path)
+
+
+def _raise_diverged(status_uri: str, result: Any) -> None:
+    """Turn the workers' divergence record into an error naming the step and the checkpoint kept."""
+    status = json.loads(storage.read_bytes(status_uri))
+    latest = result.checkpoint
+    kept = (
+        f"last good checkpoint: {latest.path}, step {result.metrics.get('step')}"
+        if latest
+        else "no checkpoint was written"
+    )
+    raise TrainingDiverged(
+        f"loss became {status['loss']} at step {status['step']}; training stopped ({kept}). "
+        "Fix the cause (e.g. lower train.learning_rate, repair the cache) and rerun the command to resume."
+    )
+
+
 def ensure_ray() -> None:
     """Join the cluster in RAY_ADDRESS (`ray job submit` sets it) or start a private local Ray."""
     import ray
@@ -141,20 +161,11 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
 
     # 3. Fit; Ray restarts failed workers from the last checkpoint (FailureConfig).
     diverged_uri = storage.join(output, DIVERGED_FILE)
-    if storage.exists(
-        diverged_uri
-    ):  # left by an earlier attempt; this one starts from its last good checkpoint
-        fs, path = storage.resolve(diverged_uri)
-        fs.delete_file(path)
+    _remove(diverged_uri)  # left by an earlier attempt; this one resumes from its last good checkpoint
     result = _trainer(spec, cache.dataset).fit()
     latest = result.checkpoint
     if storage.exists(diverged_uri):
-        status = json.loads(storage.read_bytes(diverged_uri))
-        kept = f"last good checkpoint: {latest.path}" if latest else "no checkpoint was written"
-        raise TrainingDiverged(
-            f"loss became {status['loss']} at step {status['step']}; training stopped ({kept}, "
-            f"step {result.metrics.get('step') if latest else 0}). Lower train.learning_rate and rerun to resume."
-        )
+        _raise_diverged(diverged_uri, result)
 
     # 4. Export the final weights as a diffusers model directory.
     model_uri = None
