@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -96,3 +102,66 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
         "checkpoint-step-00000002"
     ]
     assert json.loads((out / "diverged.json").read_text())["step"] == 3
+
+
+def _moto(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.terminate()
+    raise RuntimeError("moto_server did not start")
+
+
+def test_cache_and_run_files_on_object_storage(ray_session, tiny_components, tmp_path, monkeypatch):
+    """The reader and the run's files go through pyarrow file systems: the same code reads s3:// URIs."""
+    import pyarrow.fs as pafs
+
+    from sdray.data.reader import open_cache
+    from sdray.train import storage
+    from sdray.train.metrics import write_metrics
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _moto(port)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for key, value in {
+            "AWS_ENDPOINT_URL_S3": endpoint,
+            "AWS_ACCESS_KEY_ID": "k",
+            "AWS_SECRET_ACCESS_KEY": "s",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        s3 = pafs.S3FileSystem(
+            endpoint_override=endpoint,
+            access_key="k",
+            secret_key="s",
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
+        s3.create_dir("bkt")
+        local = write_test_cache(tmp_path / "c", tiny_components, num_rows=4)
+        pafs.copy_files(str(local), "bkt/cache", destination_filesystem=s3)
+        expected = expected_cache(TrainConfig(), ModelConfig())
+        opened = open_cache("s3://bkt/cache", expected)
+        assert opened.num_rows == 4 and opened.info == cache.read_cache_info(local)
+        np.testing.assert_array_equal(opened.empty_caption, cache.read_empty_caption(local))
+        with pytest.raises(InputError, match="cache resolution is 64px but training expects 128px"):
+            open_cache("s3://bkt/cache", dataclasses.replace(expected, resolution=128))
+        with pytest.raises(InputError, match="does not exist"):
+            open_cache("s3://bkt/nowhere", expected)
+        rows = [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
+        write_metrics("s3://bkt/run", rows)
+        assert read_metrics("s3://bkt/run") == rows and storage.exists("s3://bkt/run/metrics.jsonl")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
