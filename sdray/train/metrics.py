@@ -65,7 +65,8 @@ def loss_curve_png(history: Sequence[dict[str, Any]], *, smooth: int = 20) -> by
     lr_ax = ax.twinx()
     lr_ax.plot(steps, [row["lr"] for row in history], color="tab:orange", linewidth=1, label="lr")
     lr_ax.set_ylabel("learning rate")
-    ax.legend(loc="upper right")
+    handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper right")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
