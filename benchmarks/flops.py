@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/flops.py   # writes benchmarks/results/flops_sd15.json
 
-The sizing table in docs/cluster.md is computed from these counts (see `sizing()` below).
+The sizing tables in docs/cluster.md are computed from these counts by benchmarks/sizing.py.
 """
 
 from __future__ import annotations

@@ -143,11 +143,13 @@ _LOADERS: dict[str, Callable[[str], Any]] = {
 
 
 def _load_part(cfg: ModelConfig, name: str) -> Any:
-    path = Path(cfg.path)
+    from sdray.train.storage import local_copy
+
+    path = Path(local_copy(cfg.path))  # a model on s3:// (or gs://) is downloaded once, then loaded locally
     if not (path / name).is_dir():
-        raise InputError(f"model.path {path}: no {name}/ folder (expected a diffusers-format directory)")
+        raise InputError(f"model.path {cfg.path}: no {name}/ folder (expected a diffusers-format directory)")
     log.info("loading %s from %s", name, path / name)
     try:
         return _LOADERS[name](str(path))
     except (OSError, ValueError) as exc:
-        raise InputError(f"model.path {path}: cannot load {name}/: {exc}") from exc
+        raise InputError(f"model.path {cfg.path}: cannot load {name}/: {exc}") from exc

@@ -67,3 +67,36 @@ def upload_dir(local_dir: str, uri: str) -> str:
         fs.delete_dir(path)
     pafs.copy_files(local_dir, path, destination_filesystem=fs)
     return uri
+
+
+def local_copy(uri: str) -> str:
+    """A local directory holding the files of ``uri``: the path itself if local, else a downloaded copy.
+
+    Remote directories (a model on s3://) are downloaded once per content version into
+    ``$SDRAY_CACHE_DIR`` (default: ``<tmp>/sdray-cache``), keyed by the URI and its file listing (names,
+    sizes, modification times), so re-exporting to the same URI is picked up; the copy appears atomically.
+    """
+    if "://" not in uri:
+        return uri
+    import hashlib
+    import tempfile
+
+    fs, path = resolve(uri)
+    listing = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    files = sorted((i.path, i.size, i.mtime_ns) for i in listing if i.type == pafs.FileType.File)
+    if not files:
+        return uri  # nothing there: let the caller report the missing directory under its own name
+    key = hashlib.sha1(repr((uri, files)).encode()).hexdigest()[:20]
+    root = os.environ.get("SDRAY_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "sdray-cache")
+    local = os.path.join(root, key)
+    if not os.path.isdir(local):
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=root, prefix=f".{key}.tmp-")
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        try:
+            os.rename(tmp, local)
+        except OSError:  # another process finished the same download first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return local
