@@ -102,6 +102,34 @@ def _shard_rows(fs: pafs.FileSystem, shard: str) -> int:
         return pq.ParquetFile(f).metadata.num_rows
 
 
+def committed_shards(path: str, shards: list[str]) -> list[str]:
+    """The shards a finished `sdray preprocess` run committed; refuses a cache whose preprocessing stopped.
+
+    A cache written by `sdray preprocess` (it has the stage's `_config.yaml`) gets `_summary.json` when a run
+    completes and lists each finished input file's shards in `_manifest/`; shards of an input file still in
+    progress when a run was killed are not listed and must not be trained on. Caches made by other tools (no
+    `_config.yaml`) are read whole.
+    """
+    from sdray.preprocess.manifest import CONFIG_FILE, SUMMARY_FILE, OutputDir
+
+    if not storage.exists(storage.join(path, CONFIG_FILE)):
+        return shards
+    if not storage.exists(storage.join(path, SUMMARY_FILE)):  # written when a run completes
+        raise InputError(
+            f"{path}: preprocessing did not finish (no {SUMMARY_FILE}); rerun `sdray preprocess` with the "
+            "same output to complete it"
+        )
+    out = OutputDir(path)
+    listed = {f"{out.root.rstrip('/')}/{name}" for record in out.done().values() for name in record.shards}
+    unlisted = sorted(set(shards) - listed)
+    if unlisted:
+        raise InputError(
+            f"{path}: preprocessing did not finish ({len(unlisted)} shard(s) of unfinished input files, e.g. "
+            f"{unlisted[0].rsplit('/', 1)[-1]}); rerun `sdray preprocess` with the same output to complete it"
+        )
+    return shards
+
+
 def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
     """Validate the cache at ``path`` against ``expected`` and open its tensor columns with Ray Data.
 
@@ -123,6 +151,7 @@ def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
     ]
     if not shards:
         raise InputError(f"{path}: latent cache has no parquet shards (empty data set)")
+    shards = committed_shards(path, shards)
     num_rows = sum(_shard_rows(fs, shard) for shard in shards)  # parquet footers only: no Ray job
     if num_rows == 0:
         raise InputError(f"{path}: latent cache has 0 rows (empty data set)")
