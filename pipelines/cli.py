@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("pipelines.export", "export a training checkpoint as a diffusers model directory"),
     "train-vae": ("pipelines.train_vae", "train or fine-tune the VAE on an image parquet (Ray Train)"),
     "evaluate": ("pipelines.evaluate", "caption faithfulness of generated images (colour, shape, position)"),
+    "demo": ("pipelines.demo", "end to end: synth data, VAE, preprocess, train, sample, evaluate -> report"),
 }
 
 
