@@ -57,7 +57,8 @@ def prepare_output(opts: DemoOptions) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not opts.overwrite:
             raise ConfigError(f"{out} already exists and is not empty: pass --overwrite to replace it")
-        if not out.is_dir() or not (out / REPORT_DIR).exists() and not (out / "data").exists():
+        looks_like_run = out.is_dir() and any((out / name).exists() for name in (REPORT_DIR, "data"))
+        if not looks_like_run:
             raise ConfigError(f"{out} does not look like a demo run directory; refusing to delete it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
