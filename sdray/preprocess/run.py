@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -169,7 +170,9 @@ def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
         f" (removed {cleaned} leftover file(s) of an interrupted run)" if cleaned else "",
     )  # fmt: skip
     if pending and not ray.is_initialized():
-        ray.init()
+        # RAY_ADDRESS (set by `ray job submit`) joins that cluster; otherwise a private local Ray, never
+        # whatever cluster another process happens to run on this machine.
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
     start = time.perf_counter()
     ledger = _process(cfg, out, fs, pending, info) if pending else None
     wall = time.perf_counter() - start
