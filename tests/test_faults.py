@@ -1,0 +1,102 @@
+"""Ctrl-C / SIGTERM on the stage commands leaves no output that looks complete but is not.
+
+(Losing a worker node in each stage is tested in tests/test_multinode.py.) Row accounting: after an
+interrupted preprocessing run and a rerun, every input row is in the cache exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sdray(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _terminate_when(proc: subprocess.Popen, ready, timeout: float = 300) -> tuple[int, str]:
+    """SIGTERM ``proc`` once ``ready()`` holds; returns (exit code, output)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"finished before it could be interrupted:\n{proc.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no progress to interrupt"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    return proc.returncode, output
+
+
+@pytest.fixture(scope="module")
+def interrupted_cache(tmp_path_factory):
+    """A preprocessing run stopped by SIGTERM while it runs, then rerun to completion."""
+    from sdray.data.synth import SynthConfig, write_synth
+
+    root = tmp_path_factory.mktemp("sigterm")
+    data = write_synth(SynthConfig(num_images=48, resolution=64, rows_per_shard=8), root / "input")
+    cache = root / "cache"
+    args = ("preprocess", "--input", str(data), "--output", str(cache), "--set", "preprocess.decode_batch_size=8",
+            "--set", "preprocess.encode_batch_size=8")  # fmt: skip
+    proc = _sdray(*args)
+    # _config.yaml is written once the encoders are loaded and the run is about to start its Ray job
+    code, output = _terminate_when(proc, lambda: (cache / "_config.yaml").exists() and time.sleep(3) is None)
+    state = {
+        "code": code,
+        "output": output,
+        "summary_after_kill": (cache / "_summary.json").exists(),
+        "committed_after_kill": len(list((cache / "_manifest").glob("*.json"))),
+    }
+    from sdray.data.reader import committed_shards
+    from sdray.errors import InputError
+
+    try:
+        committed_shards(str(cache), [str(p) for p in cache.glob("part-*.parquet")])
+        state["reader"] = "accepted"
+    except InputError as exc:
+        state["reader"] = str(exc)
+    rerun = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    return cache, state
+
+
+def test_sigterm_on_preprocess_publishes_no_summary_and_rerun_writes_each_row_once(interrupted_cache):
+    cache, state = interrupted_cache
+    assert state["code"] == 130, state["output"][-3000:]
+    assert "interrupted" in state["output"]
+    assert not state["summary_after_kill"]  # the run's completion record is written last
+    assert state["committed_after_kill"] < 6
+    assert "preprocessing did not finish" in state["reader"]  # training refuses the interrupted cache
+    summary = json.loads((cache / "_summary.json").read_text())
+    assert (summary["rows_in"], summary["rows_written"], summary["input_files"]) == (48, 48, 6)
+    assert summary["this_run"]["input_files"] == 6 - state["committed_after_kill"]  # resumed, not redone
+    ids = pq.read_table(cache, columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 48
+
+
+def test_sigterm_on_train_leaves_checkpoints_but_no_model(interrupted_cache, tmp_path):
+    cache, _ = interrupted_cache
+    run = tmp_path / "run"
+    proc = _sdray("train", "--data", str(cache), "--out", str(run), "--steps", "500",
+                  "--set", "train.batch_size=4", "--set", "train.checkpoint_every=2")  # fmt: skip
+    code, output = _terminate_when(proc, lambda: any((run / "ray" / "train").glob("checkpoint-step-*")))
+    assert code == 130, output[-3000:]
+    assert not (run / "model").exists()  # the exported model appears only at the end, atomically
+    assert not list(run.glob(".model.tmp-*"))
+    ckpts = sorted((run / "ray" / "train").glob("checkpoint-step-*"))
+    assert ckpts and all((c / "training_state.pt").is_file() for c in ckpts)  # what is there is whole
