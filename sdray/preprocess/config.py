@@ -46,8 +46,8 @@ class PreprocessConfig:
     """CPUs Ray reserves per encoder actor (leave some for the read/decode tasks)."""
     encode_threads: int = 0
     """Torch threads of an encoder actor on CPU; 0: the node's cores / encode_concurrency (shared with decoding)."""
-    write_num_cpus: float = 0.5
-    """CPUs reserved per shard-writing task (mostly I/O)."""
+    write_num_cpus: float = 0.0
+    """CPUs reserved per shard-writing task; 0 so writes (mostly I/O) never wait behind decode tasks."""
     rows_per_shard: int = 512
     """Rows per output parquet shard (at most; a shard never mixes input files)."""
 
@@ -68,10 +68,11 @@ class PreprocessConfig:
         for name, value in {
             "decode_num_cpus": self.decode_num_cpus,
             "encode_num_cpus": self.encode_num_cpus,
-            "write_num_cpus": self.write_num_cpus,
         }.items():
             if value <= 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.write_num_cpus < 0:
+            raise ConfigError(f"write_num_cpus must be >= 0, got {self.write_num_cpus}")
         if self.encode_threads < 0:
             raise ConfigError(f"encode_threads must be >= 0, got {self.encode_threads}")
         if self.encode_num_gpus < 0:
