@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 
+from sdray.cluster import ensure_ray
 from sdray.config import dump_yaml
 from sdray.data.cache import CacheInfo
 from sdray.errors import ConfigError, InputError
@@ -169,10 +168,8 @@ def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
         out.uri, len(files), len(files) - len(pending), len(pending),
         f" (removed {cleaned} leftover file(s) of an interrupted run)" if cleaned else "",
     )  # fmt: skip
-    if pending and not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit`) joins that cluster; otherwise a private local Ray, never
-        # whatever cluster another process happens to run on this machine.
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    if pending:
+        ensure_ray()
     start = time.perf_counter()
     ledger = _process(cfg, out, fs, pending, info) if pending else None
     wall = time.perf_counter() - start

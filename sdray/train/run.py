@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from sdray.cluster import ensure_ray
 from sdray.data.reader import ExpectedCache, open_cache
 from sdray.errors import ConfigError, InputError, SdrayError
 from sdray.models.config import ModelConfig
@@ -122,14 +122,6 @@ def _raise_diverged(status_uri: str, result: Any) -> None:
         f"loss became {status['loss']} at step {status['step']}; training stopped ({kept}). "
         "Fix the cause (e.g. lower train.learning_rate, repair the cache) and rerun the command to resume."
     )
-
-
-def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (`ray job submit` sets it) or start a private local Ray."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
 
 
 def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
