@@ -68,5 +68,8 @@ def run(body: Callable[[], int | None], *, verbose: bool = False) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted: no partial output was published", file=sys.stderr)
+        print(
+            "interrupted: only completed outputs were published; re-run the same command to resume",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
