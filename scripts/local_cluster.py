@@ -165,9 +165,15 @@ def train(cfg: PipelineConfig, cluster, nodes, node_args, *, kill: bool) -> dict
     run_dir = cfg.train.output
     fs, ray_dir = storage.resolve(storage.join(run_dir, "ray", "train"))
 
-    def has_checkpoint() -> bool:
-        infos = fs.get_file_info(pafs.FileSelector(ray_dir, allow_not_found=True))
-        return any(i.base_name.startswith("checkpoint-step-") for i in infos)
+    def has_checkpoint() -> bool:  # registered by Ray Train (in its snapshot), not just uploaded
+        snapshot = f"{ray_dir}/checkpoint_manager_snapshot.json"
+        if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
+            return False
+        with fs.open_input_stream(snapshot) as f:
+            try:
+                return bool(json.loads(f.read()).get("checkpoint_results"))
+            except ValueError:  # caught mid-write
+                return False
 
     thread, outcome = in_thread(run_training, cfg.train, cfg.model)
     spread: list[int] = []
