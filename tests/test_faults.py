@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,15 +32,19 @@ def _sdray(*args: str) -> subprocess.Popen:
 
 
 def _terminate_when(proc: subprocess.Popen, ready, timeout: float = 300) -> tuple[int, str]:
-    """SIGTERM ``proc`` once ``ready()`` holds; returns (exit code, output)."""
+    """SIGTERM ``proc`` once ``ready(output_lines)`` holds; returns (exit code, output)."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc.poll() is None, f"finished before it could be interrupted:\n{proc.stdout.read()[-3000:]}"
+    while not ready(lines):
+        assert proc.poll() is None, "finished before it could be interrupted:\n" + "".join(lines)[-3000:]
         assert time.monotonic() < deadline, "no progress to interrupt"
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    return proc.returncode, output
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    return proc.returncode, "".join(lines)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +58,10 @@ def interrupted_cache(tmp_path_factory):
     args = ("preprocess", "--input", str(data), "--output", str(cache), "--set", "preprocess.decode_batch_size=8",
             "--set", "preprocess.encode_batch_size=8")  # fmt: skip
     proc = _sdray(*args)
-    # _config.yaml is written once the encoders are loaded and the run is about to start its Ray job
-    code, output = _terminate_when(proc, lambda: (cache / "_config.yaml").exists() and time.sleep(3) is None)
+    # interrupt once Ray Data runs the pipeline (Ray Data logs the start of the execution)
+    code, output = _terminate_when(
+        proc, lambda lines: any("Starting execution of Dataset" in x for x in lines)
+    )
     state = {
         "code": code,
         "output": output,
@@ -94,7 +101,7 @@ def test_sigterm_on_train_leaves_checkpoints_but_no_model(interrupted_cache, tmp
     run = tmp_path / "run"
     proc = _sdray("train", "--data", str(cache), "--out", str(run), "--steps", "500",
                   "--set", "train.batch_size=4", "--set", "train.checkpoint_every=2")  # fmt: skip
-    code, output = _terminate_when(proc, lambda: any((run / "ray" / "train").glob("checkpoint-step-*")))
+    code, output = _terminate_when(proc, lambda _: any((run / "ray" / "train").glob("checkpoint-step-*")))
     assert code == 130, output[-3000:]
     assert not (run / "model").exists()  # the exported model appears only at the end, atomically
     assert not list(run.glob(".model.tmp-*"))
