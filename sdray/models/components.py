@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdray.errors import ConfigError, InputError
+from sdray.io import atomic_dir
 from sdray.models.config import COMPONENT_NAMES, ModelConfig
 from sdray.models.presets import PRESETS
 from sdray.models.tokenizer import clip_tokenizer
@@ -92,18 +91,9 @@ def load_components(cfg: ModelConfig, parts: Iterable[str] = COMPONENT_NAMES) ->
 
 def save_components(components: SDComponents, out_dir: str | Path) -> Path:
     """Write a diffusers-format directory (safetensors) atomically: a temp dir renamed into place."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_dir(out_dir, overwrite=True) as tmp:
         components.pipeline().save_pretrained(tmp, safe_serialization=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def _seeded(seed: int, name: str, build: Callable[[], Any]) -> Any:
