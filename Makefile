@@ -30,8 +30,8 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sdray pipelines tests benchmarks
-	$(VENV)/bin/ruff format --check sdray pipelines tests benchmarks
+	$(VENV)/bin/ruff check sdray pipelines tests benchmarks scripts
+	$(VENV)/bin/ruff format --check sdray pipelines tests benchmarks scripts
 
 clean-venv:
 	rm -rf $(VENV)
