@@ -40,11 +40,13 @@ def main() -> None:
     run = DemoRun(out=prepare_output(opts), cfg=demo_config("demo", args.overrides, quick=False), opts=opts)
     for part in ("data", "model", "cache"):
         (run.out / part).symlink_to(source / part)
-    previous = json.loads((source / "report" / "metrics.json").read_text())
-    for name in ("data", "vae", "preprocess"):  # reused, not rerun: the report shows the source's numbers
-        run.results[name] = previous[name]
+    vae = json.loads((source / "vae" / "metrics.json").read_text())
+    run.results["data"] = {"images": run.cfg.synth.num_images, "held_out": run.cfg.synth.held_out}
+    run.results["vae"] = {"psnr_db": vae["psnr"], "steps": vae["steps"], "train_seconds": vae["train_seconds"],
+                          "scaling_factor": vae["scaling_factor"], "history": vae["history"]}  # fmt: skip
+    run.results["preprocess"] = json.loads((source / "cache" / "_summary.json").read_text())
+    for name in ("data", "vae", "preprocess"):  # reused from RUN, not rerun
         run.stage_s[f"{name} (reused)"] = 0.0
-    run.results["vae"]["history"] = json.loads((source / "vae" / "metrics.json").read_text())["history"]
     run.load_avg["start"] = [round(x, 2) for x in os.getloadavg()]
     ensure_ray()
     stages = [("train", stage_train), ("generate", stage_generate), ("evaluate", stage_evaluate)]
