@@ -20,6 +20,11 @@ def ensure_ray() -> None:
         return
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
-    ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    address = os.environ.get("RAY_ADDRESS", "local")
+    # Ray Train workers each reserve a logical CPU: on a 2-core machine two of them would leave none for
+    # Ray Data's read tasks and the job would wait forever. A private local Ray therefore advertises at
+    # least 4 logical CPUs (oversubscription is harmless: the workers mostly wait on each other).
+    num_cpus = max(4, 2 * (os.cpu_count() or 1)) if address == "local" else None
+    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
     if main and previous is not None:
         signal.signal(signal.SIGTERM, previous)

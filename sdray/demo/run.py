@@ -213,7 +213,7 @@ def run_demo(
         progress(f"[{index}/{len(STAGES)}] {name} ...")
         start = time.perf_counter()
         stage(run)
-        run.stage_s[name] = round(time.perf_counter() - start, 1)
+        run.stage_s[name] = round(time.perf_counter() - start, 2)
         progress(f"[{index}/{len(STAGES)}] {name} done in {run.stage_s[name]:.1f} s{_stage_note(run, name)}")
     run.load_avg["end"] = [round(x, 2) for x in os.getloadavg()]
     return write_report(run, run.out / REPORT_DIR)
