@@ -14,8 +14,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("pipelines.data", "make data sets (`sdray data synth`: captioned synthetic scenes)"),
     "serve": ("pipelines.serve", "stage 3: the sampler as an HTTP service (Ray Serve) with a web page"),
     "generate": ("pipelines.generate", "text to image with the stage 3 sampler, without Serve"),
-    "preprocess": ("pipelines.preprocess", "stage 1: image-caption parquet -> cached VAE latents + text embeddings"),
-    "train": ("pipelines.train", "stage 2: train the UNet on cached latents (Ray Train), resumable, exports a model"),
+    "preprocess": (
+        "pipelines.preprocess",
+        "stage 1: image-caption parquet -> cached VAE latents + text embeddings",
+    ),
+    "train": (
+        "pipelines.train",
+        "stage 2: train the UNet on cached latents (Ray Train), resumable, exports a model",
+    ),
     "export": ("pipelines.export", "export a training checkpoint as a diffusers model directory"),
     "train-vae": ("pipelines.train_vae", "train or fine-tune the VAE on an image parquet (Ray Train)"),
     "evaluate": ("pipelines.evaluate", "caption faithfulness of generated images (colour, shape, position)"),
