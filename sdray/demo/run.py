@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdray.cluster import ensure_ray
 from sdray.demo.config import QUICK_OVERRIDES, DemoOptions
 from sdray.errors import ConfigError
 from sdray.models.config import ModelConfig
@@ -63,24 +64,6 @@ def prepare_output(opts: DemoOptions) -> Path:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def ensure_ray() -> None:
-    """Join RAY_ADDRESS, or start a private local Ray with twice the cores as logical CPUs (at least 4).
-
-    Why: the training stages reserve one CPU per worker for the whole fit, and their Ray Data input
-    (listing and reading the parquet files) needs CPUs of its own; with exactly as many logical CPUs as
-    workers, the input tasks never get scheduled and training waits forever (seen with 2 workers on 2
-    cores). The workers run 1 torch thread each, so the data tasks share the cores without harm.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(include_dashboard=False)
-        return
-    ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False)
 
 
 def _model_at(model: ModelConfig, path: Path | str) -> ModelConfig:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from diffusers.optimization import get_scheduler
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
+from sdray.cluster import ensure_ray
 from sdray.config import from_dict, to_dict
 from sdray.errors import InputError
 from sdray.io import atomic_write_text
@@ -210,8 +210,7 @@ def train_vae(cfg: VaeTrainConfig, model_cfg: ModelConfig) -> VaeTrainResult:
     check_data_path(cfg)
     output = Path(cfg.output).absolute()
     output.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():  # join RAY_ADDRESS (`ray job submit` sets it) or start a private local Ray
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    ensure_ray()  # join RAY_ADDRESS (`ray job submit` sets it) or start a private local Ray
     resolved = {"vae_train": to_dict(cfg), "model": to_dict(model_cfg)}
     atomic_write_text(output / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     train_ds, val_ds = image_datasets(cfg)
