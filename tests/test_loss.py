@@ -9,7 +9,7 @@ import torch
 from sdray.data import cache
 from sdray.errors import ConfigError
 from sdray.train.config import LossConfig, TrainConfig
-from sdray.train.loss import NoiseDraw, diffusion_loss, draw_noise, prepare_batch
+from sdray.train.loss import TARGETS, NoiseDraw, diffusion_loss, draw_noise, loss_weights, prepare_batch
 
 INFO = cache.CacheInfo(
     vae_scaling_factor=0.18215,
@@ -129,6 +129,23 @@ def test_train_config_validation_and_target_resolution():
         TrainConfig(caption_dropout=1.0)
     with pytest.raises(ConfigError, match="grad_accum_steps"):
         TrainConfig(grad_accum_steps=0)
+
+
+def test_zero_terminal_snr_needs_v_prediction_whose_last_target_is_the_image():
+    from diffusers import DDPMScheduler
+
+    with pytest.raises(ConfigError, match="zero-terminal-SNR.*use v_prediction"):
+        TrainConfig(prediction_type="epsilon").loss_config("epsilon", zero_terminal_snr=True)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              rescale_betas_zero_snr=True, prediction_type="v_prediction")  # fmt: skip
+    cfg = TrainConfig(snr_gamma=5.0).loss_config("v_prediction", zero_terminal_snr=True)
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    last = torch.tensor([999, 999])
+    # At the last timestep the input is pure noise and the v target is -x0: the model must draw the caption.
+    torch.testing.assert_close(scheduler.add_noise(latents, noise, last), noise)
+    torch.testing.assert_close(TARGETS["v_prediction"](scheduler, latents, noise, last), -latents)
+    weights = loss_weights(scheduler, torch.tensor([0, 500, 999]), cfg)
+    assert torch.isfinite(weights).all() and float(weights[-1]) == 0.0
 
 
 def test_loss_curve_png():

@@ -130,11 +130,20 @@ class TrainConfig:
                 "validation needs validation_prompts and validation_seeds (or validate_every: -1)"
             )
 
-    def loss_config(self, scheduler_prediction_type: str) -> LossConfig:
-        """The loss options; an empty `prediction_type` takes the scheduler's."""
+    def loss_config(self, scheduler_prediction_type: str, *, zero_terminal_snr: bool = False) -> LossConfig:
+        """The loss options; an empty `prediction_type` takes the scheduler's.
+
+        ``zero_terminal_snr``: the model's scheduler has ``rescale_betas_zero_snr`` (the last timestep is pure
+        noise), where an epsilon prediction says nothing about the image.
+        """
         target = self.prediction_type or scheduler_prediction_type
         if target not in ("epsilon", "v_prediction"):
             raise ConfigError(f"prediction_type {target!r} is not supported (epsilon, v_prediction)")
+        if zero_terminal_snr and target == "epsilon":
+            raise ConfigError(
+                "prediction_type epsilon cannot be trained on a zero-terminal-SNR schedule "
+                "(scheduler rescale_betas_zero_snr: true): use v_prediction"
+            )
         return LossConfig(
             prediction_type=target,  # type: ignore[arg-type]
             snr_gamma=self.snr_gamma,

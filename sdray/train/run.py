@@ -52,9 +52,10 @@ class TrainResult:
 def _arch(model_cfg: ModelConfig, part: str) -> dict[str, Any]:
     """The constructor config of ``part`` without building it."""
     if model_cfg.path:
-        uri = storage.join(model_cfg.path, part, "config.json")  # local path or s3:// URI
+        name = "scheduler_config.json" if part == "scheduler" else "config.json"
+        uri = storage.join(model_cfg.path, part, name)  # local path or s3:// URI
         if not storage.exists(uri):
-            raise InputError(f"model.path {model_cfg.path}: no {part}/config.json")
+            raise InputError(f"model.path {model_cfg.path}: no {part}/{name}")
         return json.loads(storage.read_bytes(uri))
     return {**PRESETS[model_cfg.preset][part], **getattr(model_cfg, part)}
 
@@ -146,6 +147,13 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
         raise InputError(
             f"{cfg.data}: {cache.num_rows} rows, but one step needs batch_size x num_workers = {needed}"
         )
+    scheduler = _arch(
+        model_cfg, "scheduler"
+    )  # the objective fits the noise schedule: fail here, not in workers
+    cfg.loss_config(
+        scheduler.get("prediction_type", "epsilon"),
+        zero_terminal_snr=scheduler.get("rescale_betas_zero_snr", False),
+    )
     spec = RunSpec(train=cfg, model=model_cfg, info=cache.info)
     storage.write_bytes(
         storage.join(output, CONFIG_FILE), yaml.safe_dump(spec.to_dict(), sort_keys=False).encode()
