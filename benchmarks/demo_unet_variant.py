@@ -32,11 +32,15 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--model", default="", help="score this exported UNet model instead of training")
+    parser.add_argument(
+        "--guidance", type=float, default=DemoOptions.guidance_scale, help="sampling CFG scale"
+    )
+    parser.add_argument("--scheduler", default=DemoOptions.scheduler, help="sampling scheduler")
     parser.add_argument("--name", default="", help="also write benchmarks/results/demo_variant_NAME.json")
     args = parser.parse_args()
 
     source = Path(args.run).absolute()
-    opts = DemoOptions(output=args.out)
+    opts = DemoOptions(output=args.out, guidance_scale=args.guidance, scheduler=args.scheduler)
     run = DemoRun(out=prepare_output(opts), cfg=demo_config("demo", args.overrides, quick=False), opts=opts)
     for part in ("data", "model", "cache"):
         (run.out / part).symlink_to(source / part)

@@ -14,6 +14,7 @@ import json
 import sys
 
 from pipelines.common import make_parser, run
+from sdray.demo.config import DemoOptions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     parser.add_argument("--quick", action="store_true", help="smoke run: small data, few steps")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
-    parser.add_argument("--samples-per-prompt", type=int, default=2, help="images per combination")
-    parser.add_argument("--sampler-steps", type=int, default=25, help="DDIM steps per image")
-    parser.add_argument("--guidance-scale", type=float, default=4.0, help="classifier-free guidance")
+    defaults = DemoOptions()
+    parser.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=defaults.samples_per_prompt,
+        help=f"images per combination (default {defaults.samples_per_prompt})",
+    )
+    parser.add_argument(
+        "--sampler-steps",
+        type=int,
+        default=defaults.sampler_steps,
+        help=f"sampler steps per image (default {defaults.sampler_steps})",
+    )
+    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
+                        help=f"classifier-free guidance (default {defaults.guidance_scale})")  # fmt: skip
     args = parser.parse_args(argv)
 
     def body() -> None:

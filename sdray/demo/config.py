@@ -48,7 +48,7 @@ class DemoOptions:
     """Generated images per (colour, shape, position) combination (seeds differ); quick mode uses 1."""
     sampler_steps: int = 25
     """DDIM steps per generated image; quick mode uses 4."""
-    guidance_scale: float = 4.0
+    guidance_scale: float = 2.0
     """Classifier-free guidance scale of the generated images."""
     scheduler: str = "ddim"
     """Sampler scheduler name (see `sdray generate --help`)."""
