@@ -198,7 +198,8 @@ def test_killed_worker_resumes_with_identical_state(baseline, killed_run):
 
 def test_restart_resumes_with_two_workers(killed_run):
     cfg, _, _ = killed_run
-    cfg = dataclasses.replace(cfg, max_steps=STEPS + 4, num_workers=2, grad_accum_steps=2)
+    # materialize: the in-memory cache (the demo's setting) resumes with the same data accounting
+    cfg = dataclasses.replace(cfg, max_steps=STEPS + 4, num_workers=2, grad_accum_steps=2, materialize=True)
     result = run_training(cfg, ModelConfig())
     rows = read_metrics(cfg.output)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 5))  # the counter continues at 17

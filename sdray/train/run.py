@@ -162,7 +162,8 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
     # 3. Fit; Ray restarts failed workers from the last checkpoint (FailureConfig).
     diverged_uri = storage.join(output, DIVERGED_FILE)
     _remove(diverged_uri)  # left by an earlier attempt; this one resumes from its last good checkpoint
-    result = _trainer(spec, cache.dataset).fit()
+    dataset = cache.dataset.materialize() if cfg.materialize else cache.dataset
+    result = _trainer(spec, dataset).fit()
     latest = result.checkpoint
     if storage.exists(diverged_uri):
         _raise_diverged(diverged_uri, result)
