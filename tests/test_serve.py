@@ -211,3 +211,13 @@ def test_overload_gets_503_with_retry_after_then_recovers(client):
     assert busy.headers["Retry-After"] == "3" and "busy" in busy.json()["detail"]
     assert client.post("/v1/images/generations", json={"prompt": "a", "size": "32x32"}).status_code == 200
     assert client.get("/healthz").status_code == 200
+
+
+def test_request_over_its_timeout_gets_408_and_the_app_keeps_serving(client):
+    # Serve's proxy enforces `request_timeout_s`; the per-request header overrides it, so a short one here
+    # exercises the same path without a second Serve start. 10 steps with guidance take well over 50 ms.
+    slow = {"prompt": "a slow request", "size": "64x64", "steps": 10}
+    r = client.post("/v1/images/generations", json=slow, headers={"x-request-timeout-seconds": "0.05"})
+    assert r.status_code == 408, r.text
+    assert "timed out after 0.05s" in r.text
+    assert client.post("/v1/images/generations", json={"prompt": "a", "size": "32x32"}).status_code == 200
