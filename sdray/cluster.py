@@ -24,7 +24,29 @@ def ensure_ray() -> None:
     # Ray Train workers each reserve a logical CPU: on a 2-core machine two of them would leave none for
     # Ray Data's read tasks and the job would wait forever. A private local Ray therefore advertises at
     # least 4 logical CPUs (oversubscription is harmless: the workers mostly wait on each other).
-    num_cpus = max(4, 2 * (os.cpu_count() or 1)) if address == "local" else None
-    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
+    local = address == "local"
+    num_cpus = max(4, 2 * (os.cpu_count() or 1)) if local else None
+    # No dashboard on a private Ray (start-up time and memory on small machines), hence no state API.
+    runtime_env = {"worker_process_setup_hook": "sdray.cluster.quiet_ray_train_chatter"} if local else None
+    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
     if main and previous is not None:
         signal.signal(signal.SIGTERM, previous)
+
+
+def quiet_ray_train_chatter() -> None:
+    """Worker set-up hook of a private local Ray: silence two Ray Train messages that drown the progress.
+
+    - The placement-group cleaner asks the state API (served by the dashboard, which a private Ray does not
+      start) once a second whether the controller is alive, and warns on every failure. Placement groups are
+      still removed: the private Ray ends with the driver.
+    - Every `ray.train.report` is logged whole at INFO by each worker; sdray logs its own progress lines.
+    """
+    import importlib.util
+    import logging
+
+    cleaner = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    logging.getLogger(cleaner).setLevel(logging.ERROR)
+    # That module names its logger by file path, so find the path without importing Ray Train here.
+    context = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if context is not None and context.origin:
+        logging.getLogger(context.origin).setLevel(logging.WARNING)
