@@ -51,7 +51,7 @@ def _cfg(cache: Path, out: Path, **overrides) -> TrainConfig:
         caption_dropout=0.1,
         checkpoint_every=4,
         keep_checkpoints=2,
-        log_every=1,
+        log_every=4,  # reports coincide with checkpoints: every step's row is still in the metrics file
         shuffle_buffer=16,
         max_failures=1,
         validate_every=8,

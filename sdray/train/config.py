@@ -84,8 +84,9 @@ class TrainConfig:
     files (~10 s an epoch for the demo's 136 MB cache); only for caches that fit in memory."""
     shuffle_buffer: int = 256
     """Rows in each worker's local shuffle buffer (seeded per epoch); 0 keeps the file order."""
-    log_every: int = 1
-    """Report metrics to Ray and the metrics file every this many steps."""
+    log_every: int = 10
+    """Report metrics to Ray Train and rewrite the metrics file every this many steps (and at every checkpoint);
+    the file keeps every step's row. Each report costs a round trip to the Ray Train controller."""
     checkpoint_every: int = 50
     """Write a Ray Train checkpoint every this many steps (and at the last step)."""
     keep_checkpoints: int = 2
