@@ -17,6 +17,16 @@ from sdray.data.synth import SynthConfig, iter_scenes, render
 from sdray.models.components import SDComponents
 from sdray.models.fingerprint import encoder_fingerprint
 
+# Metadata of a small tiny-preset cache (4x8x8 latents, 32-wide text embeddings), for tests without Ray.
+TINY_INFO = cache.CacheInfo(
+    vae_scaling_factor=0.18215,
+    encoder_fingerprint="ab" * 32,
+    resolution=64,
+    latent_shape=(4, 8, 8),
+    text_embeds_shape=(77, 32),
+    has_std=True,
+)
+
 
 @torch.inference_mode()
 def _encode_text(components: SDComponents, captions: list[str]) -> np.ndarray:

@@ -1,18 +1,12 @@
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from cache_fixtures import TINY_INFO
 
 from sdray.data import cache
 from sdray.errors import InputError
 
-INFO = cache.CacheInfo(
-    vae_scaling_factor=0.18215,
-    encoder_fingerprint="ab" * 32,
-    resolution=64,
-    latent_shape=(4, 8, 8),
-    text_embeds_shape=(77, 32),
-    has_std=True,
-)
+INFO = TINY_INFO
 
 
 def _table(n=3):

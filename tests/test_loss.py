@@ -5,20 +5,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from cache_fixtures import TINY_INFO
 
 from sdray.data import cache
 from sdray.errors import ConfigError
 from sdray.train.config import LossConfig, TrainConfig
 from sdray.train.loss import TARGETS, NoiseDraw, diffusion_loss, draw_noise, loss_weights, prepare_batch
 
-INFO = cache.CacheInfo(
-    vae_scaling_factor=0.18215,
-    encoder_fingerprint="ab" * 32,
-    resolution=64,
-    latent_shape=(4, 8, 8),
-    text_embeds_shape=(77, 32),
-    has_std=True,
-)
+INFO = TINY_INFO
 B = 4
 
 
