@@ -115,10 +115,15 @@ def test_noise_offset_adds_a_constant_per_channel(tiny_components):
 
 
 def test_train_config_validation_and_target_resolution():
-    assert TrainConfig().loss_config("v_prediction").prediction_type == "v_prediction"
-    assert TrainConfig(prediction_type="epsilon").loss_config("v_prediction").prediction_type == "epsilon"
+    assert TrainConfig().loss_config({"prediction_type": "v_prediction"}).prediction_type == "v_prediction"
+    assert (
+        TrainConfig(prediction_type="epsilon")
+        .loss_config({"prediction_type": "v_prediction"})
+        .prediction_type
+        == "epsilon"
+    )
     with pytest.raises(ConfigError, match="sample"):
-        TrainConfig().loss_config("sample")
+        TrainConfig().loss_config({"prediction_type": "sample"})
     with pytest.raises(ConfigError, match="caption_dropout"):
         TrainConfig(caption_dropout=1.0)
     with pytest.raises(ConfigError, match="grad_accum_steps"):
@@ -129,10 +134,10 @@ def test_zero_terminal_snr_needs_v_prediction_whose_last_target_is_the_image():
     from diffusers import DDPMScheduler
 
     with pytest.raises(ConfigError, match="zero-terminal-SNR.*use v_prediction"):
-        TrainConfig(prediction_type="epsilon").loss_config("epsilon", zero_terminal_snr=True)
+        TrainConfig(prediction_type="epsilon").loss_config({"rescale_betas_zero_snr": True})
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               rescale_betas_zero_snr=True, prediction_type="v_prediction")  # fmt: skip
-    cfg = TrainConfig(snr_gamma=5.0).loss_config("v_prediction", zero_terminal_snr=True)
+    cfg = TrainConfig(snr_gamma=5.0).loss_config(scheduler.config)
     latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     last = torch.tensor([999, 999])
     # At the last timestep the input is pure noise and the v target is -x0: the model must draw the caption.

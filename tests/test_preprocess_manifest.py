@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+from cache_fixtures import TINY_INFO
 
 from sdray.data import cache
 from sdray.errors import ConfigError, InputError
@@ -11,13 +14,7 @@ from sdray.preprocess.config import PreprocessConfig
 from sdray.preprocess.dataset import check_cpus
 from sdray.preprocess.manifest import OutputDir, UnitRecord, totals
 
-INFO = cache.CacheInfo(
-    vae_scaling_factor=0.18215,
-    encoder_fingerprint="ab" * 32,
-    resolution=64,
-    latent_shape=(4, 8, 8),
-    text_embeds_shape=(77, 32),
-)
+INFO = dataclasses.replace(TINY_INFO, has_std=False)
 
 
 def test_prepare_writes_sidecars_then_refuses_another_model(tmp_path):

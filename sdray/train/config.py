@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from sdray.errors import ConfigError
 
@@ -134,16 +135,17 @@ class TrainConfig:
                 "validation needs validation_prompts and validation_seeds (or validate_every: -1)"
             )
 
-    def loss_config(self, scheduler_prediction_type: str, *, zero_terminal_snr: bool = False) -> LossConfig:
-        """The loss options; an empty `prediction_type` takes the scheduler's.
+    def loss_config(self, scheduler_config: Mapping[str, Any]) -> LossConfig:
+        """The loss options for a model whose noise scheduler has ``scheduler_config``.
 
-        ``zero_terminal_snr``: the model's scheduler has ``rescale_betas_zero_snr`` (the last timestep is pure
-        noise), where an epsilon prediction says nothing about the image.
+        An empty `prediction_type` takes the scheduler's. A scheduler with ``rescale_betas_zero_snr`` (zero
+        terminal SNR: the last timestep is pure noise) needs v_prediction: there an epsilon prediction says
+        nothing about the image.
         """
-        target = self.prediction_type or scheduler_prediction_type
+        target = self.prediction_type or scheduler_config.get("prediction_type", "epsilon")
         if target not in ("epsilon", "v_prediction"):
             raise ConfigError(f"prediction_type {target!r} is not supported (epsilon, v_prediction)")
-        if zero_terminal_snr and target == "epsilon":
+        if scheduler_config.get("rescale_betas_zero_snr", False) and target == "epsilon":
             raise ConfigError(
                 "prediction_type epsilon cannot be trained on a zero-terminal-SNR schedule "
                 "(scheduler rescale_betas_zero_snr: true): use v_prediction"

@@ -39,10 +39,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_uri: str, *, use_ema: bool
         ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
         ema.load_state_dict(state["ema"])
         ema.copy_to(unet.parameters())
-    target = spec.train.loss_config(
-        components.scheduler.config.prediction_type,
-        zero_terminal_snr=components.scheduler.config.get("rescale_betas_zero_snr", False),
-    ).prediction_type
+    target = spec.train.loss_config(components.scheduler.config).prediction_type
     components.scheduler = DDPMScheduler.from_config(components.scheduler.config, prediction_type=target)
     with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp:
         local = save_components(components, Path(tmp) / "model")

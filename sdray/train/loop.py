@@ -81,10 +81,7 @@ class StepRunner:
     def step(self, batches: Iterator[dict]) -> tuple[float, float, float]:
         """Run one step; returns (loss averaged over ranks, grad norm, seconds waited for data)."""
         cfg, state = self.spec.train, self.state
-        loss_cfg = cfg.loss_config(
-            self.scheduler.config.prediction_type,
-            zero_terminal_snr=self.scheduler.config.get("rescale_betas_zero_snr", False),
-        )
+        loss_cfg = cfg.loss_config(self.scheduler.config)
         total, waited = torch.zeros((), device=self.device), 0.0
         for micro in range(cfg.grad_accum_steps):
             start = time.perf_counter()
@@ -188,10 +185,7 @@ def train_worker(config: dict) -> None:
     if rank == 0 and cfg.validate_every >= 0:
         from sdray.train.validation import Validator
 
-        target = cfg.loss_config(
-            runner.scheduler.config.prediction_type,
-            zero_terminal_snr=runner.scheduler.config.get("rescale_betas_zero_snr", False),
-        ).prediction_type
+        target = cfg.loss_config(runner.scheduler.config).prediction_type
         validator = Validator(cfg, spec.model, target, device)
 
     # 4. Training loop: step, stop on a non-finite loss, record, checkpoint or report, validate.

@@ -147,13 +147,7 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
         raise InputError(
             f"{cfg.data}: {cache.num_rows} rows, but one step needs batch_size x num_workers = {needed}"
         )
-    scheduler = _arch(
-        model_cfg, "scheduler"
-    )  # the objective fits the noise schedule: fail here, not in workers
-    cfg.loss_config(
-        scheduler.get("prediction_type", "epsilon"),
-        zero_terminal_snr=scheduler.get("rescale_betas_zero_snr", False),
-    )
+    cfg.loss_config(_arch(model_cfg, "scheduler"))  # an objective that misfits the schedule fails here
     spec = RunSpec(train=cfg, model=model_cfg, info=cache.info)
     storage.write_bytes(
         storage.join(output, CONFIG_FILE), yaml.safe_dump(spec.to_dict(), sort_keys=False).encode()
