@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serve_bench.py                      # tiny preset, writes benchmarks/results/
     .venv/bin/python benchmarks/serve_bench.py --steps 10 --requests 32 --model runs/exp1/model
+    .venv/bin/python benchmarks/serve_bench.py --transport actor    # Ray Serve's default data plane, to compare
 
 Two copies of the app run side by side in one Serve instance: `batched` (max_batch_size 8) and `unbatched`
 (max_batch_size 1); each measurement alternates between them so machine noise hits both alike. Clients are
@@ -17,6 +18,7 @@ import concurrent.futures as cf
 import json
 import os
 import platform
+import re
 import socket
 import statistics
 import time
@@ -29,6 +31,7 @@ import ray
 import torch
 from ray import serve
 
+from sdray.cluster import SERVE_FAST_PATH_ENV
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
 from sdray.serve.app import build_app
@@ -72,9 +75,19 @@ def _load(url: str, body: dict, concurrency: int, total: int) -> dict:
     }
 
 
+def _server_timing(response: httpx.Response) -> dict[str, float]:
+    """``{"model": ms, "ingress": ms}`` from sdray's Server-Timing header."""
+    return {k: float(v) for k, v in re.findall(r"(\w+);dur=([\d.]+)", response.headers["Server-Timing"])}
+
+
 def _overhead(url: str, sampler: Sampler, body: dict, req: GenerationRequest, rounds: int) -> dict:
-    """Interleaved: one in-process sample+PNG, then the same request over HTTP; p50s and their difference."""
-    direct, http = [], []
+    """Interleaved: one in-process sample+PNG, then the same request over HTTP; p50s and their difference.
+
+    Also per HTTP request, from its Server-Timing header: latency minus the model replica's own sampler + PNG
+    time (what Serve adds around the pipeline call, free of the run-to-run noise of the compute), split at
+    the ingress handler.
+    """
+    direct, http, timings = [], [], []
     with httpx.Client(timeout=600) as c:
         c.post(url, json=body)  # warm-up
         for _ in range(rounds):
@@ -82,8 +95,10 @@ def _overhead(url: str, sampler: Sampler, body: dict, req: GenerationRequest, ro
             to_png(sampler.generate([req])[0][0])
             direct.append((time.perf_counter() - start) * 1000)
             start = time.perf_counter()
-            assert c.post(url, json=body).status_code == 200
+            r = c.post(url, json=body)
             http.append((time.perf_counter() - start) * 1000)
+            assert r.status_code == 200
+            timings.append(_server_timing(r))
     base = url.removesuffix("/v1/images/generations")
     hops = {"ingress_only_ms": [], "ingress_and_model_ms": []}
     with httpx.Client(timeout=600) as c:
@@ -104,6 +119,14 @@ def _overhead(url: str, sampler: Sampler, body: dict, req: GenerationRequest, ro
         "http_p50_ms": statistics.median(http),
         "overhead_p50_ms": statistics.median(http) - statistics.median(direct),
         "overhead_median_of_pairs_ms": statistics.median(h - d for h, d in zip(http, direct, strict=True)),
+        "model_p50_ms": statistics.median(t["model"] for t in timings),
+        "latency_minus_model_p50_ms": statistics.median(
+            h - t["model"] for h, t in zip(http, timings, strict=True)
+        ),
+        "proxy_and_http_p50_ms": statistics.median(
+            h - t["ingress"] for h, t in zip(http, timings, strict=True)
+        ),
+        "ingress_minus_model_p50_ms": statistics.median(t["ingress"] - t["model"] for t in timings),
     }
 
 
@@ -201,6 +224,12 @@ def main() -> None:
     )
     parser.add_argument("--overhead-rounds", type=int, default=30)
     parser.add_argument("--batch-wait-s", type=float, default=ServeConfig().batch_wait_timeout_s)
+    parser.add_argument(
+        "--transport",
+        choices=("grpc", "actor"),
+        default="grpc",
+        help="Serve's data plane: gRPC as sdray's local Ray sets it (default), or Ray actor calls",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     # Ray runs worker processes (the Serve replicas) at niceness 15; the in-process baseline must too, or on a
@@ -208,6 +237,9 @@ def main() -> None:
     os.nice(RAY_WORKER_NICENESS - os.nice(0))
     model_cfg = ModelConfig(path=args.model)
     machine = _machine()
+    # Serve's proxy and replicas read the transport from their environment when they start.
+    for name, value in SERVE_FAST_PATH_ENV.items():
+        os.environ[name] = value if args.transport == "grpc" else "0"
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -249,6 +281,7 @@ def _write(machine: dict, settings: dict, load: list[dict], overhead: list[dict]
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"serve_{'tiny' if not settings['model'] else 'model'}_{settings['size']}px"
+    stem += "" if settings["transport"] == "grpc" else f"_{settings['transport']}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Serve benchmark ({result['when']})",
@@ -260,7 +293,7 @@ def _write(machine: dict, settings: dict, load: list[dict], overhead: list[dict]
         "",
         f"Request: {settings['size']}x{settings['size']}, {settings['steps']} steps, euler, guidance 7.5, "
         "one image; one model replica (1 CPU, 1 torch thread) per app; the benchmark process runs at Ray's "
-        "worker niceness (15) like the replicas.",
+        f"worker niceness (15) like the replicas. Serve data plane: {settings['transport']}.",
         "",
         f"Each row: median over {settings['rounds']} rounds; batched and unbatched alternate within a round "
         "(who goes first alternates too); requests = total over the rounds; batched app: max_batch_size 8, "
@@ -291,6 +324,18 @@ def _write(machine: dict, settings: dict, load: list[dict], overhead: list[dict]
         *(
             f"| {o['steps']} | {o['direct_p50_ms']:.1f} | {o['http_p50_ms']:.1f} | {o['overhead_p50_ms']:.1f} | "
             f"{o['overhead_median_of_pairs_ms']:.1f} | {o['get_samplers_p50_ms']:.1f} | {o['get_healthz_p50_ms']:.1f} |"
+            for o in overhead
+        ),  # fmt: skip
+        "",
+        "Serve overhead per request from the same HTTP requests' Server-Timing header: latency minus the model "
+        "replica's own sampler + PNG time (`model`), split at the ingress handler (`ingress`).",
+        "",
+        "| steps | model p50 ms (in the replica) | latency - model p50 ms | proxy + HTTP (latency - ingress) p50 ms "
+        "| ingress - model p50 ms |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {o['steps']} | {o['model_p50_ms']:.1f} | **{o['latency_minus_model_p50_ms']:.1f}** | "
+            f"{o['proxy_and_http_p50_ms']:.1f} | {o['ingress_minus_model_p50_ms']:.1f} |"
             for o in overhead
         ),  # fmt: skip
         "",

@@ -26,6 +26,16 @@ def test_cluster_yaml_validates():
     assert any("pip install" in c and "-e ." in c for c in config["setup_commands"])
 
 
+def test_every_node_starts_ray_with_serves_fast_path():
+    from sdray.cluster import SERVE_FAST_PATH_ENV
+
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[key] if "ray start" in c]
+        for name, value in SERVE_FAST_PATH_ENV.items():
+            assert f"{name}={value} ray start" in start, (key, start)
+
+
 @pytest.mark.parametrize(
     "mutate",
     [

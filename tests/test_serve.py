@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import re
 
 import httpx
 import numpy as np
@@ -63,6 +64,9 @@ def test_openai_api_returns_pngs_of_requested_size_and_count(client):
     images = [decode_png(d["b64_json"]) for d in data]
     assert [im.shape for im in images] == [(32, 48, 3), (32, 48, 3)]
     assert not np.array_equal(images[0], images[1])
+    # Server-Timing: the model replica's sampler + PNG time, inside the ingress handler's time.
+    timing = dict(re.findall(r"(\w+);dur=([\d.]+)", r.headers["Server-Timing"]))
+    assert 0 < float(timing["model"]) <= float(timing["ingress"])
 
 
 def test_a1111_api_returns_pngs_info_and_parameters(client):

@@ -32,6 +32,9 @@ def test_serve_yaml_is_a_valid_serve_config_for_our_app():
     model = next(d for d in app.deployments if d.name == SDModel.name)
     assert model.max_ongoing_requests >= ServeConfig().max_batch_size
     assert app_builder(app.args) is not None  # the args resolve to a valid pipeline config
+    from sdray.cluster import SERVE_FAST_PATH_ENV
+
+    assert SERVE_FAST_PATH_ENV.items() <= app.runtime_env["env_vars"].items()
 
 
 @pytest.mark.parametrize(
@@ -43,6 +46,7 @@ def test_serve_yaml_is_a_valid_serve_config_for_our_app():
         ({"dtype": "float16"}, "needs a GPU"),
         ({"default_scheduler": "lms"}, "default_scheduler 'lms' unknown; known: ddim"),
         ({"default_steps": 200}, "default_steps \\(200\\) > max_steps"),
+        ({"downscale_to_zero_delay_s": -1}, "downscale_to_zero_delay_s must be >= 0, got -1"),
     ],
 )
 def test_bad_serve_config_names_the_field(kwargs, message):

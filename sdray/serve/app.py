@@ -24,7 +24,7 @@ from sdray.config import from_dict, to_dict
 from sdray.models.config import ModelConfig
 from sdray.serve.api import create_api
 from sdray.serve.config import ServeConfig
-from sdray.serve.request import GenerationRequest, ModelInfo
+from sdray.serve.request import Generation, GenerationRequest, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ class SDModel:
         if self.failures >= 3:
             raise RuntimeError(f"{self.failures} consecutive batches failed")
 
-    async def generate(self, req: GenerationRequest) -> list[bytes]:
-        """PNG bytes of each image of ``req`` (validated by the ingress).
+    async def generate(self, req: GenerationRequest) -> Generation:
+        """The images of ``req`` (validated by the ingress) as PNG bytes, with the batch's timing.
 
         Requests wait at this door while a batch runs. Serve forms the next batch while the previous one is
         still running (ray/serve/batching.py `_process_batches`), so without the door a batch closes after
@@ -88,11 +88,12 @@ class SDModel:
         return await self.generate_batch(req)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def generate_batch(self, requests: list[GenerationRequest]) -> list[list[bytes]]:
+    async def generate_batch(self, requests: list[GenerationRequest]) -> list[Generation]:
         from sdray.serve.sampler import to_png
 
         log.debug("batch of %d requests, buckets %s", len(requests), {r.bucket for r in requests})
         self._idle.clear()
+        start = time.perf_counter()
         try:  # in a thread: the event loop keeps accepting requests for the next batch meanwhile
             images = await asyncio.to_thread(
                 self.sampler.generate, requests, max_batch=self.cfg.max_batch_size
@@ -105,7 +106,9 @@ class SDModel:
         self.failures = 0
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(requests))
-        return [[to_png(image) for image in per_request] for per_request in images]
+        pngs = [[to_png(image) for image in per_request] for per_request in images]
+        model_ms = (time.perf_counter() - start) * 1000
+        return [Generation(p, model_ms, len(requests)) for p in pngs]
 
 
 @serve.deployment(name="SDIngress")
@@ -142,7 +145,7 @@ class SDIngress:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, truncation=False).input_ids)
 
-    async def generate(self, req: GenerationRequest) -> list[bytes]:
+    async def generate(self, req: GenerationRequest) -> Generation:
         return await self.model.generate.remote(req)
 
 
@@ -166,6 +169,7 @@ def build_app(
             "target_ongoing_requests": serve_cfg.target_ongoing_requests,
             "upscale_delay_s": serve_cfg.upscale_delay_s,
             "downscale_delay_s": serve_cfg.downscale_delay_s,
+            "downscale_to_zero_delay_s": serve_cfg.downscale_to_zero_delay_s,
         },
         max_ongoing_requests=serve_cfg.max_ongoing_requests,
         max_queued_requests=serve_cfg.max_queued_requests,
@@ -213,9 +217,11 @@ def serve_forever(serve_cfg: ServeConfig, model_cfg: ModelConfig, *, ready: Any 
     """`sdray serve`: start Ray (local, or the cluster in RAY_ADDRESS), deploy, block until interrupted."""
     import ray
 
-    ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    from sdray.cluster import ensure_ray
+
     # ray.init installs a SIGTERM handler that aborts the process; stop cleanly (Serve shut down) instead.
     signal.signal(signal.SIGTERM, _interrupt)
+    ensure_ray()  # keeps the handler above
     try:
         url = start(serve_cfg, model_cfg)
         if ready is not None:

@@ -42,6 +42,8 @@ class ServeConfig:
     """Load must stay above target this long before a replica is added."""
     downscale_delay_s: float = 300.0
     """Load must stay below target this long before a replica is removed."""
+    downscale_to_zero_delay_s: float | None = None
+    """With min_replicas 0: idle time before the last model replica goes (None: downscale_delay_s)."""
     num_gpus: float = 0.0
     """GPUs per model replica (fractions allowed); the sampler runs on CUDA when > 0."""
     num_cpus: float = 1.0
@@ -91,3 +93,5 @@ class ServeConfig:
             )
         if self.batch_wait_timeout_s < 0 or self.request_timeout_s <= 0:
             raise ConfigError("batch_wait_timeout_s must be >= 0 and request_timeout_s > 0")
+        if (self.downscale_to_zero_delay_s or 0) < 0:
+            raise ConfigError(f"downscale_to_zero_delay_s must be >= 0, got {self.downscale_to_zero_delay_s}")

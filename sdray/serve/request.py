@@ -30,6 +30,17 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class Generation:
+    """A request's images, and how long the model replica spent on the batch it rode in."""
+
+    pngs: list[bytes]
+    model_ms: float
+    """Sampler + PNG encoding of the whole batch, in the model replica (Server-Timing ``model``)."""
+    batch_requests: int
+    """Requests in that batch (this one included)."""
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What a client or validator needs to know about the loaded model."""
 
