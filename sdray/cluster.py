@@ -7,10 +7,15 @@ import signal
 import threading
 
 # Ray Serve's gRPC data plane (proxy -> replica and replica -> replica) instead of Ray actor calls; part of Ray's
-# documented high-throughput mode. It cut the Serve overhead per request by about a third on the 2-core
-# machine (docs/serve.md, benchmarks/results/serve_*). Ray's processes read it when they start: a private
-# local Ray gets it here, a cluster sets it on every node (cluster.yaml).
-SERVE_FAST_PATH_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+# documented high-throughput mode. It cut the Serve overhead per request by about a quarter on the 2-core
+# machine (docs/serve.md). gRPC's default 4 MiB message limit would turn any answer over 4 MiB (four 1024x1024
+# PNGs are ~17 MB of JSON) into a 500, so replicas accept messages up to 1 GiB, as over Ray's object store.
+# Ray's processes read these when they start: a private local Ray gets them here, a cluster sets them on every
+# node (cluster.yaml).
+SERVE_FAST_PATH_ENV = {
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**30),
+}
 
 
 def ensure_ray() -> None:

@@ -54,6 +54,17 @@ def test_bad_serve_config_names_the_field(kwargs, message):
         ServeConfig(**kwargs)
 
 
+def test_grpc_message_limit_covers_the_largest_answer():
+    """Serve's gRPC default (4 MiB) turned a 4 x 1024x1024 answer into a 500; sdray raises the limit."""
+    from sdray.cluster import SERVE_FAST_PATH_ENV
+
+    cfg = ServeConfig()
+    noise_png = cfg.max_side**2 * 3 * 1.01 + 1024  # incompressible pixels: PNG is a little over raw
+    largest_json = cfg.max_images * noise_png * 4 / 3 + 4096  # base64 in the JSON answer
+    assert largest_json > 4 * 2**20
+    assert int(SERVE_FAST_PATH_ENV["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) >= 16 * largest_json
+
+
 def test_min_replicas_zero_is_allowed():
     assert ServeConfig(min_replicas=0, max_replicas=2).min_replicas == 0
 
