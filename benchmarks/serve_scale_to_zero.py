@@ -23,7 +23,7 @@ import httpx
 import ray
 from ray import serve
 
-from sdray.cluster import SERVE_FAST_PATH_ENV
+from sdray.cluster import export_serve_fast_path
 from sdray.models.config import ModelConfig
 from sdray.serve.app import APP_NAME, start
 from sdray.serve.config import ServeConfig
@@ -60,8 +60,7 @@ def main() -> None:
     parser.add_argument("--model", default="", help="diffusers model directory (default: tiny preset)")
     parser.add_argument("--idle-s", type=float, default=5.0, help="downscale_to_zero_delay_s")
     args = parser.parse_args()
-    for name, value in SERVE_FAST_PATH_ENV.items():
-        os.environ.setdefault(name, value)
+    export_serve_fast_path()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,6 +18,13 @@ SERVE_FAST_PATH_ENV = {
 }
 
 
+def export_serve_fast_path() -> None:
+    """Put SERVE_FAST_PATH_ENV in this process's environment (values already set win), before a local Ray
+    starts: its processes inherit it."""
+    for name, value in SERVE_FAST_PATH_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def ensure_ray() -> None:
     """Join the cluster in RAY_ADDRESS (`ray job submit` sets it) or start a private local Ray.
 
@@ -37,8 +44,7 @@ def ensure_ray() -> None:
     # least 4 logical CPUs (oversubscription is harmless: the workers mostly wait on each other).
     local = address == "local"
     if local:
-        for name, value in SERVE_FAST_PATH_ENV.items():
-            os.environ.setdefault(name, value)  # the local Ray's processes inherit this environment
+        export_serve_fast_path()
     num_cpus = max(4, 2 * (os.cpu_count() or 1)) if local else None
     # No dashboard on a private Ray (start-up time and memory on small machines), hence no state API.
     runtime_env = {"worker_process_setup_hook": "sdray.cluster.quiet_ray_train_chatter"} if local else None

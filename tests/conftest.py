@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from sdray.cluster import SERVE_FAST_PATH_ENV
+from sdray.cluster import export_serve_fast_path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-for _name, _value in SERVE_FAST_PATH_ENV.items():  # as sdray's own local Ray (sdray.cluster.ensure_ray)
-    os.environ.setdefault(_name, _value)
+export_serve_fast_path()  # as sdray's own local Ray (sdray.cluster.ensure_ray)
 
 
 @pytest.fixture(scope="session")
