@@ -7,7 +7,7 @@ import signal
 import threading
 
 # Ray Serve's gRPC data plane (proxy -> replica and replica -> replica) instead of Ray actor calls; part of Ray's
-# documented high-throughput mode. It cut the Serve overhead per request by about a quarter on the 2-core
+# documented high-throughput mode. It cut the Serve overhead per request by 10-30% on the 2-core
 # machine (docs/serve.md). gRPC's default 4 MiB message limit would turn any answer over 4 MiB (four 1024x1024
 # PNGs are ~17 MB of JSON) into a 500, so replicas accept messages up to 1 GiB, as over Ray's object store.
 # Ray's processes read these when they start: a private local Ray gets them here, a cluster sets them on every
