@@ -194,9 +194,8 @@ def train(cfg: PipelineConfig, cluster, nodes, node_args, *, kill: bool) -> dict
     result = outcome["result"]
     from ray.train import Checkpoint
 
-    with Checkpoint(
-        storage.absolute(storage.join(run_dir, "ray", "train", Path(result.checkpoint).name))
-    ).as_directory() as d:
+    saved = Checkpoint(storage.absolute(storage.join(run_dir, "ray", "train", Path(result.checkpoint).name)))
+    with storage.checkpoint_files(saved) as d:
         state = checkpoint.read_shared_state(d)
     return {
         "step": result.step,

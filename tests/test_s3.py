@@ -12,6 +12,7 @@ from s3_fixtures import s3_server  # noqa: F401 - fixture
 from sdray.errors import InputError
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
+from sdray.train.storage import checkpoint_files
 
 S3_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
@@ -48,3 +49,34 @@ def test_missing_model_on_s3_is_named_by_its_uri(s3_env):
     s3, _ = s3_env
     with pytest.raises(InputError, match=f"model.path s3://{s3.bucket}/nothing/here: no unet/ folder"):
         load_components(ModelConfig(path=f"s3://{s3.bucket}/nothing/here"), ("unet",))
+
+
+def test_each_reader_of_a_remote_checkpoint_gets_its_own_copy(s3_server, tmp_path):  # noqa: F811
+    """Ray's as_directory() shares one download directory per node and downloads into it again for a
+    late reader, rewriting files an earlier reader still has open (a truncated training_state.pt on
+    resume). Readers must not see each other's downloads."""
+    from ray.train import Checkpoint
+
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    state = torch.randn(64, 1024)
+    torch.save({"weights": state}, saved / "training_state.pt")
+    s3_server.upload(saved, "checkpoints/step-8")
+    remote = Checkpoint(f"{s3_server.bucket}/checkpoints/step-8", filesystem=s3_server.filesystem())
+
+    with checkpoint_files(remote) as first:
+        written = (first / "training_state.pt").stat().st_mtime_ns
+        with checkpoint_files(remote) as second:
+            assert second != first
+            assert torch.equal(torch.load(second / "training_state.pt", weights_only=True)["weights"], state)
+        assert (first / "training_state.pt").stat().st_mtime_ns == written  # not downloaded over
+        assert torch.equal(torch.load(first / "training_state.pt", weights_only=True)["weights"], state)
+    assert not first.exists() and not second.exists()  # temporary copies are removed
+
+
+def test_local_checkpoint_is_read_in_place(tmp_path):
+    from ray.train import Checkpoint
+
+    with checkpoint_files(Checkpoint.from_directory(tmp_path)) as directory:
+        assert directory == tmp_path
+    assert tmp_path.exists()

@@ -58,5 +58,5 @@ def export_from_uri(checkpoint_uri: str, out_uri: str, *, use_ema: bool = True) 
         from sdray.errors import InputError
 
         raise InputError(f"checkpoint {checkpoint_uri} does not exist")
-    with Checkpoint(storage.absolute(checkpoint_uri)).as_directory() as local:
+    with storage.checkpoint_files(Checkpoint(storage.absolute(checkpoint_uri))) as local:
         return export_checkpoint(local, out_uri, use_ema=use_ema)

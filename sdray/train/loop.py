@@ -128,7 +128,7 @@ def _start(spec: RunSpec, rank: int, world: int, device: torch.device) -> StepRu
     state = build_state(spec.train, spec.model, device, rank)
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
-        with resumed.as_directory() as directory:
+        with storage.checkpoint_files(resumed) as directory:
             checkpoint.load_into(directory, state, rank)
         state.resumes += 1
         log.info(

@@ -167,7 +167,7 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
     if cfg.export and latest is not None:
         from sdray.train.export import export_checkpoint
 
-        with latest.as_directory() as directory:
+        with storage.checkpoint_files(latest) as directory:
             model_uri = export_checkpoint(directory, storage.join(output, MODEL_DIR), use_ema=cfg.export_ema)
     step = int(result.metrics.get("step", 0)) if result.metrics else 0
     return TrainResult(

@@ -5,10 +5,18 @@ The training library never assumes a local path; every file it writes outside a 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    from ray.train import Checkpoint
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -79,7 +87,6 @@ def local_copy(uri: str) -> str:
     if "://" not in uri:
         return uri
     import hashlib
-    import tempfile
 
     fs, path = resolve(uri)
     listing = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
@@ -100,3 +107,26 @@ def local_copy(uri: str) -> str:
 
             shutil.rmtree(tmp, ignore_errors=True)
     return local
+
+
+@contextlib.contextmanager
+def checkpoint_files(checkpoint: Checkpoint) -> Iterator[Path]:
+    """A local directory with ``checkpoint``'s files that no other process writes to while it is open.
+
+    A checkpoint on a local disk is read in place. A remote one is downloaded into a temporary directory of
+    this caller's own, removed on exit. Ray's ``Checkpoint.as_directory()`` shares one download directory
+    among the processes of a node, and a process that arrives after another has finished downloading
+    downloads again into it, rewriting files the first one is still reading: two workers of one node
+    resuming from s3:// then saw a truncated ``training_state.pt``.
+    """
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="sdray-checkpoint-") as tmp:
+        pafs.copy_files(
+            checkpoint.path,
+            tmp,
+            source_filesystem=checkpoint.filesystem,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
+        yield Path(tmp)

@@ -30,6 +30,7 @@ from sdray.errors import InputError
 from sdray.io import atomic_write_text
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
+from sdray.train.storage import checkpoint_files
 from sdray.vae.config import VaeTrainConfig
 from sdray.vae.data import PIXELS, check_data_path, image_datasets, to_model_input
 from sdray.vae.export import STATE_FILE, export_vae
@@ -153,8 +154,8 @@ def train_loop_per_worker(config: dict) -> None:
     # 4. resume from the last checkpoint, if Ray restarted us
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state.load_state_dict(torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False))
+        with checkpoint_files(checkpoint) as ckpt_dir:
+            state.load_state_dict(torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True))
         log.info("resumed at step %d", state.step)
 
     # 5. data: this worker's shard of the training images; every worker sees all held-out images
@@ -236,8 +237,8 @@ def train_vae(cfg: VaeTrainConfig, model_cfg: ModelConfig) -> VaeTrainResult:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"VAE training reported no checkpoint (error: {result.error})")
-    with result.checkpoint.as_directory() as ckpt_dir:
-        state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
+    with checkpoint_files(result.checkpoint) as ckpt_dir:
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True)
     vae_dir, scaling = export_vae(state["vae"], model_cfg, cfg, train_ds, output / "vae")
     final = state["history"][-1]
     summary = {"psnr": final["psnr"], "steps": state["step"], "train_seconds": state["elapsed_s"]}
