@@ -41,8 +41,8 @@ from sdray.preprocess.manifest import OutputDir
 from sdray.train import storage
 
 log = logging.getLogger("local_cluster")
-STEPS = 30
-CHECKPOINT_EVERY = 5
+STEPS = 16
+CHECKPOINT_EVERY = 4
 
 
 def start_cluster(worker_cpus: int = 3, workers: int = 2):
