@@ -135,6 +135,30 @@ def test_on_demand_export_of_an_older_checkpoint(baseline, tmp_path):
     assert main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
 
 
+def test_truncated_checkpoint_is_named_in_the_error(baseline, train_cache, tmp_path, capsys):
+    import shutil
+
+    from sdray.errors import InputError
+    from sdray.train.state import build_state
+
+    out, _ = baseline
+    broken = tmp_path / "checkpoint-step-00000016"
+    shutil.copytree(_checkpoints(out)[-1], broken)
+    saved = (broken / ckpt.STATE_FILE).read_bytes()
+    (broken / ckpt.STATE_FILE).write_bytes(saved[: len(saved) // 2])  # a half-written copy
+
+    state = build_state(_cfg(train_cache, tmp_path / "run"), ModelConfig(), torch.device("cpu"), 0)
+    origin = "s3://bucket/run/ray/train/checkpoint-step-00000016"  # what a worker resuming from S3 names
+    with pytest.raises(InputError, match=f"^{origin}/training_state.pt: unreadable checkpoint file"):
+        ckpt.load_into(broken, state, 0, origin=origin)
+
+    from pipelines.export import main
+
+    assert main(["--checkpoint", str(broken), "--out", str(tmp_path / "m")]) == 2
+    assert f"{broken}/training_state.pt: unreadable checkpoint file" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def _checkpoint_registered(out: Path) -> bool:
     """Ray Train has recorded a checkpoint in its run snapshot (a resume will find it)."""
     snapshot = out / "ray" / "train" / "checkpoint_manager_snapshot.json"

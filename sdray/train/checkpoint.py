@@ -12,6 +12,7 @@ Layout of one checkpoint (Ray merges the files every rank reports into one direc
 from __future__ import annotations
 
 import logging
+import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,17 +89,30 @@ def save(state: TrainingState, spec: RunSpec, rank: int, metrics: dict[str, Any]
     log.info("rank %d: checkpoint at step %d", rank, state.step)
 
 
-def load_into(directory: str | Path, state: TrainingState, rank: int) -> None:
-    """Restore ``state`` from a checkpoint directory; a rank without saved RNG gets a fresh seeded one."""
+def load_into(directory: str | Path, state: TrainingState, rank: int, *, origin: str | None = None) -> None:
+    """Restore ``state`` from a checkpoint directory; a rank without saved RNG gets a fresh seeded one.
+
+    ``origin`` names the checkpoint in errors when ``directory`` is a downloaded copy of it.
+    """
     directory = Path(directory)
+    origin = origin or str(directory)
     device = next(state.unet.parameters()).device
-    shared = torch.load(directory / STATE_FILE, map_location=device, weights_only=True)
+    shared = _load(directory / STATE_FILE, f"{origin}/{STATE_FILE}", device)
     rng_path = directory / rng_file(rank)
-    rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
+    rng = _load(rng_path, f"{origin}/{rng_file(rank)}", "cpu") if rng_path.is_file() else None
     state.load_state_dict(shared, rng)
     if rng is None:  # the run was resumed with more workers than it was saved with
-        log.warning("rank %d: no RNG state in %s; reseeding from the step", rank, directory)
+        log.warning("rank %d: no RNG state in %s; reseeding from the step", rank, origin)
         state.generator.manual_seed(state.step * 7919 + rank)
+
+
+def _load(path: Path, name: str, device: torch.device | str) -> dict[str, Any]:
+    """torch.load of tensors and plain data only; a truncated or foreign file is an InputError naming it."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{name}: unreadable checkpoint file ({reason})") from exc
 
 
 def read_spec(directory: str | Path) -> RunSpec:
@@ -114,4 +128,4 @@ def read_shared_state(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise InputError(f"{directory}: checkpoint has no {STATE_FILE}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _load(path, str(path), "cpu")

@@ -129,7 +129,7 @@ def _start(spec: RunSpec, rank: int, world: int, device: torch.device) -> StepRu
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with storage.checkpoint_files(resumed) as directory:
-            checkpoint.load_into(directory, state, rank)
+            checkpoint.load_into(directory, state, rank, origin=storage.checkpoint_uri(resumed))
         state.resumes += 1
         log.info(
             "rank %d: resumed at step %d (epoch %d, batch %d)",

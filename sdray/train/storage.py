@@ -109,6 +109,13 @@ def local_copy(uri: str) -> str:
     return local
 
 
+def checkpoint_uri(checkpoint: Checkpoint) -> str:
+    """Where ``checkpoint`` lives, as a user would write it (``s3://bucket/...`` or a local path)."""
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return checkpoint.path
+    return f"{checkpoint.filesystem.type_name}://{checkpoint.path}"
+
+
 @contextlib.contextmanager
 def checkpoint_files(checkpoint: Checkpoint) -> Iterator[Path]:
     """A local directory with ``checkpoint``'s files that no other process writes to while it is open.
