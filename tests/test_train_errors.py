@@ -165,3 +165,32 @@ def test_cache_and_run_files_on_object_storage(ray_session, tiny_components, tmp
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("run_file", "reason"),
+    [
+        ("train: [unclosed\n", "not valid YAML"),
+        ("run: x\n", "not an sdray run file (missing: train, model, cache_info)"),
+        ("train: {data: d, output: o, no_such_key: 1}\nmodel: {}\ncache_info: {}\n", "no_such_key"),
+        (
+            "train: {data: d, output: o}\nmodel: {}\ncache_info: {resolution: 64}\n",
+            "cache_info has no 'latent_shape'",
+        ),
+        (
+            "train: {data: d, output: o}\nmodel: {}\ncache_info: {latent_shape: 4, text_embeds_shape: [77, 32]}\n",
+            "bad cache_info",
+        ),
+    ],
+)
+def test_export_names_a_malformed_run_file(tmp_path, capsys, run_file, reason):
+    from pipelines.export import main
+
+    checkpoint = tmp_path / "checkpoint-step-00000004"
+    checkpoint.mkdir()
+    (checkpoint / "run.yaml").write_text(run_file)
+    (checkpoint / "training_state.pt").write_bytes(b"\x00" * 64)
+    assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err
+    assert f"{checkpoint}/run.yaml: " in err and reason in err, err
+    assert "Traceback" not in err and not (tmp_path / "model").exists()

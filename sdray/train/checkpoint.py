@@ -23,7 +23,7 @@ import yaml
 
 from sdray.config import from_dict, to_dict
 from sdray.data.cache import CacheInfo
-from sdray.errors import InputError
+from sdray.errors import InputError, SdrayError
 from sdray.models.config import ModelConfig
 from sdray.train.config import TrainConfig
 from sdray.train.state import TrainingState
@@ -56,14 +56,12 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        train = from_dict(TrainConfig, data["train"], where="train")
+        model = from_dict(ModelConfig, data["model"], where="model")
         info = dict(data["cache_info"])
         info["latent_shape"] = tuple(info["latent_shape"])
         info["text_embeds_shape"] = tuple(info["text_embeds_shape"])
-        return cls(
-            train=from_dict(TrainConfig, data["train"], where="train"),
-            model=from_dict(ModelConfig, data["model"], where="model"),
-            info=CacheInfo(**info),
-        )
+        return cls(train=train, model=model, info=CacheInfo(**info))
 
 
 def write_checkpoint_dir(out: Path, state: TrainingState, spec: RunSpec, rank: int) -> None:
@@ -120,7 +118,23 @@ def read_spec(directory: str | Path) -> RunSpec:
     path = Path(directory) / RUN_FILE
     if not path.is_file():
         raise InputError(f"{directory}: not an sdray training checkpoint (no {RUN_FILE})")
-    return RunSpec.from_dict(yaml.safe_load(path.read_text()))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid YAML ({exc})") from exc
+    missing = [
+        key for key in ("train", "model", "cache_info") if not isinstance(data, dict) or key not in data
+    ]
+    if missing:
+        raise InputError(f"{path}: not an sdray run file (missing: {', '.join(missing)})")
+    try:
+        return RunSpec.from_dict(data)
+    except SdrayError as exc:
+        raise InputError(f"{path}: {exc}") from exc
+    except KeyError as exc:
+        raise InputError(f"{path}: cache_info has no {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: bad cache_info ({exc})") from exc
 
 
 def read_shared_state(directory: str | Path) -> dict[str, Any]:
