@@ -18,7 +18,6 @@ import concurrent.futures as cf
 import json
 import os
 import platform
-import re
 import socket
 import statistics
 import time
@@ -34,6 +33,7 @@ from ray import serve
 from sdray.cluster import SERVE_FAST_PATH_ENV
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
+from sdray.serve.api import read_server_timing
 from sdray.serve.app import build_app
 from sdray.serve.config import ServeConfig
 from sdray.serve.request import GenerationRequest
@@ -75,11 +75,6 @@ def _load(url: str, body: dict, concurrency: int, total: int) -> dict:
     }
 
 
-def _server_timing(response: httpx.Response) -> dict[str, float]:
-    """``{"model": ms, "ingress": ms}`` from sdray's Server-Timing header."""
-    return {k: float(v) for k, v in re.findall(r"(\w+);dur=([\d.]+)", response.headers["Server-Timing"])}
-
-
 def _overhead(url: str, sampler: Sampler, body: dict, req: GenerationRequest, rounds: int) -> dict:
     """Interleaved: one in-process sample+PNG, then the same request over HTTP; p50s and their difference.
 
@@ -98,7 +93,7 @@ def _overhead(url: str, sampler: Sampler, body: dict, req: GenerationRequest, ro
             r = c.post(url, json=body)
             http.append((time.perf_counter() - start) * 1000)
             assert r.status_code == 200
-            timings.append(_server_timing(r))
+            timings.append(read_server_timing(r.headers["Server-Timing"]))
     base = url.removesuffix("/v1/images/generations")
     hops = {"ingress_only_ms": [], "ingress_and_model_ms": []}
     with httpx.Client(timeout=600) as c:

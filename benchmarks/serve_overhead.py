@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import statistics
 import subprocess
@@ -100,6 +99,7 @@ def child(plane: str, requests: int) -> dict:
     from ray import serve
 
     from sdray.models.config import ModelConfig
+    from sdray.serve.api import read_server_timing
     from sdray.serve.app import build_app
     from sdray.serve.config import ServeConfig
 
@@ -137,7 +137,7 @@ def child(plane: str, requests: int) -> dict:
             r = c.post(base + "/sd/v1/images/generations", json=body)
             latency = (time.perf_counter() - start) * 1000
             r.raise_for_status()
-            t = {k: float(v) for k, v in re.findall(r"(\w+);dur=([\d.]+)", r.headers["Server-Timing"])}
+            t = read_server_timing(r.headers["Server-Timing"])
             ms["latency_minus_model"].append(latency - t["model"])
             ms["proxy_and_http"].append(latency - t["ingress"])
             ms["ingress_minus_model"].append(t["ingress"] - t["model"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import re
 
 import httpx
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 from serve_fixtures import decode_png, free_port, running_app
 
 from sdray.models.config import ModelConfig
+from sdray.serve.api import read_server_timing
 from sdray.serve.config import ServeConfig
 
 pytestmark = pytest.mark.slow  # one Serve start (~15 s idle, a minute on a loaded 2-core machine)
@@ -65,7 +65,7 @@ def test_openai_api_returns_pngs_of_requested_size_and_count(client):
     assert [im.shape for im in images] == [(32, 48, 3), (32, 48, 3)]
     assert not np.array_equal(images[0], images[1])
     # Server-Timing: the model replica's sampler + PNG time, inside the ingress handler's time.
-    timing = dict(re.findall(r"(\w+);dur=([\d.]+)", r.headers["Server-Timing"]))
+    timing = read_server_timing(r.headers["Server-Timing"])
     assert 0 < float(timing["model"]) <= float(timing["ingress"])
 
 

@@ -73,11 +73,15 @@ class CacheInfo:
                     f"{where}: cache format version {data.get('format_version')}, "
                     f"this sdray reads version {FORMAT_VERSION}; re-run `sdray preprocess`"
                 )
-            data["latent_shape"] = tuple(data["latent_shape"])
-            data["text_embeds_shape"] = tuple(data["text_embeds_shape"])
-            return cls(**data)
+            return cls.from_dict(data)
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{where}: unreadable cache metadata: {exc}") from exc
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CacheInfo:
+        """From ``asdict(info)`` (JSON or YAML turned the shapes into lists); raises KeyError/TypeError/ValueError."""
+        shapes = {key: tuple(data[key]) for key in ("latent_shape", "text_embeds_shape")}
+        return cls(**{**data, **shapes})
 
 
 def _tensor_type(shape: tuple[int, ...]) -> pa.DataType:

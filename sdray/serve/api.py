@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import secrets
 import time
 from importlib.resources import files
@@ -91,6 +92,14 @@ async def _run(
             f'ingress;dur={ingress_ms:.1f};desc="validation, queue, model call"'
         )
     return result
+
+
+_TIMING_METRIC = re.compile(r"(\w+);dur=([\d.]+)")
+
+
+def read_server_timing(header: str) -> dict[str, float]:
+    """``{"model": ms, "ingress": ms}`` from the ``Server-Timing`` header of a generation (for clients)."""
+    return {name: float(ms) for name, ms in _TIMING_METRIC.findall(header)}
 
 
 async def _validate_and_generate(

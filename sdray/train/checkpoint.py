@@ -58,10 +58,7 @@ class RunSpec:
     def from_dict(cls, data: dict[str, Any]) -> RunSpec:
         train = from_dict(TrainConfig, data["train"], where="train")
         model = from_dict(ModelConfig, data["model"], where="model")
-        info = dict(data["cache_info"])
-        info["latent_shape"] = tuple(info["latent_shape"])
-        info["text_embeds_shape"] = tuple(info["text_embeds_shape"])
-        return cls(train=train, model=model, info=CacheInfo(**info))
+        return cls(train=train, model=model, info=CacheInfo.from_dict(data["cache_info"]))
 
 
 def write_checkpoint_dir(out: Path, state: TrainingState, spec: RunSpec, rank: int) -> None:
@@ -109,7 +106,8 @@ def _load(path: Path, name: str, device: torch.device | str) -> dict[str, Any]:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = str(exc).strip().splitlines()
+        reason = lines[0] if lines else type(exc).__name__
         raise InputError(f"{name}: unreadable checkpoint file ({reason})") from exc
 
 
