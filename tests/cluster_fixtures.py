@@ -66,6 +66,10 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+class HeadStartAborted(RuntimeError):
+    """The head's raylet aborted while starting (see RayHead.raylet_aborted)."""
+
+
 @dataclass
 class RayHead:
     """`ray start --head --block` in a session (process group) of its own, with its own ports and temp dir.
@@ -92,14 +96,27 @@ class RayHead:
                 start_new_session=True,
             )
 
+    def raylet_aborted(self) -> bool:
+        """The raylet gave up at start-up: it waits ~15 s (not configurable) for the dashboard agent to write
+        its listening port to a file, which a Python agent on a heavily loaded machine can miss."""
+        for log in self.temp_dir.glob("session_*/logs/raylet.out"):
+            if "Timed out waiting for file" in log.read_text(errors="replace"):
+                return True
+        return False
+
     def wait_ready(self, dashboard_port: int, agent_port: int) -> float:
-        """Seconds until the dashboard and the dashboard agent answer (a job needs both)."""
+        """Seconds until the dashboard and the dashboard agent answer (a job needs both).
+
+        Raises HeadStartAborted when the raylet aborted at start-up (then retry with a fresh head).
+        """
         start = time.monotonic()
         urls = [
             f"http://127.0.0.1:{dashboard_port}/api/gcs_healthz",
             f"http://127.0.0.1:{agent_port}/api/healthz",
         ]
         while not all(_http_ok(u) for u in urls):
+            if self.raylet_aborted():
+                raise HeadStartAborted(self.log.read_text()[-2000:])
             if self.proc.poll() is not None:
                 raise AssertionError(
                     f"ray start exited {self.proc.returncode}:\n{self.log.read_text()[-4000:]}"
@@ -110,6 +127,20 @@ class RayHead:
                 )
             time.sleep(0.5)
         return time.monotonic() - start
+
+    def start_ready(self, dashboard_port: int, agent_port: int, *, attempts: int = 3) -> float:
+        """start() and wait_ready(), with a fresh head after a start-up abort; seconds it took in all."""
+        start = time.monotonic()
+        for attempt in range(attempts):
+            self.start()
+            try:
+                self.wait_ready(dashboard_port, agent_port)
+                return time.monotonic() - start
+            except HeadStartAborted:
+                self.stop()
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def stop(self, grace_s: float = 20) -> None:
         """SIGTERM to the head's process group, SIGKILL after ``grace_s``, then leftovers of this temp dir."""

@@ -40,7 +40,9 @@ TOKEN = 'python -c "import secrets; print(secrets.token_hex(32))" > $RAY_AUTH_TO
 HEAD = (
     "ray start --head --block --temp-dir=$RUN/ray --node-ip-address=127.0.0.1 --port=$GCS_PORT"
     " --dashboard-host=127.0.0.1 --dashboard-port=$DASHBOARD_PORT --dashboard-agent-listen-port=$AGENT_PORT"
-    " --ray-client-server-port=$CLIENT_PORT --num-cpus=4 --include-dashboard=true --disable-usage-stats"
+    " --dashboard-agent-grpc-port=$AGENT_GRPC_PORT --metrics-export-port=$METRICS_PORT"
+    " --runtime-env-agent-port=$RUNTIME_ENV_PORT --ray-client-server-port=$CLIENT_PORT --num-cpus=4"
+    " --include-dashboard=true --disable-usage-stats"
 )
 NO_TOKEN = "env -u RAY_AUTH_MODE ray job list"
 TOKEN_IN_ENV = 'env -u RAY_AUTH_TOKEN_PATH RAY_AUTH_TOKEN="$(cat $RAY_AUTH_TOKEN_PATH)" ray job list'
@@ -116,7 +118,8 @@ class Walkthrough:
 
 
 def _environment(run: Path) -> dict[str, str]:
-    ports = {name: free_port() for name in ("GCS", "DASHBOARD", "AGENT", "CLIENT", "SERVE")}
+    names = ("GCS", "DASHBOARD", "AGENT", "AGENT_GRPC", "METRICS", "RUNTIME_ENV", "CLIENT", "SERVE")
+    ports = {name: free_port() for name in names}
     venv_bin = str(Path(sys.executable).parent)  # the project's environment first on the head's PATH
     return {
         **os.environ,
@@ -127,7 +130,10 @@ def _environment(run: Path) -> dict[str, str]:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(run / "auth_token"),
         "RAY_ADDRESS": f"http://127.0.0.1:{ports['DASHBOARD']}",
-        "RAY_raylet_start_wait_time_s": "600",  # Ray's default (60 s) is too short for a busy CI machine
+        # Ray's start-up timeouts (60 s for the raylet, and for the dashboard agent's port file, after which the
+        # raylet aborts) are too short for a busy CI machine.
+        "RAY_raylet_start_wait_time_s": "600",
+        "RAY_agent_register_timeout_ms": "600000",
     }
 
 
@@ -165,10 +171,8 @@ def walkthrough():
     try:
         w.sh("mkdir", MKDIR)
         w.sh("token", TOKEN)
-        head.start()
-        w.seconds["head_ready"] = round(
-            head.wait_ready(int(w.env["DASHBOARD_PORT"]), int(w.env["AGENT_PORT"])), 1
-        )
+        ready = head.start_ready(int(w.env["DASHBOARD_PORT"]), int(w.env["AGENT_PORT"]))
+        w.seconds["head_ready"] = round(ready, 1)
         w.sh("no_token", NO_TOKEN, check=False)
         w.sh("token_in_env", TOKEN_IN_ENV)
         w.sh("env_check", ENV_CHECK)
