@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,6 +139,7 @@ class RayHead:
                 return time.monotonic() - start
             except HeadStartAborted:
                 self.stop()
+                shutil.rmtree(self.temp_dir, ignore_errors=True)  # or the old raylet.out reads as a new abort
                 if attempt == attempts - 1:
                     raise
         raise AssertionError("unreachable")
