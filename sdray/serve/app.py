@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
+import socket
 import time
 from typing import Any
 
@@ -21,6 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from sdray.config import from_dict, to_dict
+from sdray.errors import InputError, SdrayError
 from sdray.models.config import ModelConfig
 from sdray.serve.api import create_api
 from sdray.serve.config import ServeConfig
@@ -190,12 +193,52 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     return build_app(cfg.serve, cfg.model)
 
 
+class ServeStartError(SdrayError):
+    """The model or HTTP deployment could not start; the message is the replica's own error, in one line."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process holds, before Serve starts its proxy (which would only log the clash)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise InputError(
+                f"serve.port {port} on {host}: cannot listen ({exc.strerror}); choose another with --port"
+            ) from None
+
+
+def check_inputs(serve_cfg: ServeConfig, model_cfg: ModelConfig) -> None:
+    """What `sdray serve` can check before starting anything: the model directory and the port."""
+    from sdray.models.components import check_model_path
+
+    check_model_path(model_cfg)
+    check_port_free(serve_cfg.host, serve_cfg.port)
+
+
+def _replica_error(exc: Exception) -> str:
+    """The last ``SomeError: message`` line of a failed deployment's report (the replica's traceback)."""
+    lines = re.findall(r"^\s*((?:[\w.]+\.)?\w*(?:Error|Exception)\b.*)$", str(exc), re.MULTILINE)
+    reason = lines[-1] if lines else str(exc).strip().splitlines()[0]
+    return re.sub(r"^(?:[\w.]+\.)?(InputError|ConfigError): ", "", reason.strip())
+
+
+class _AlreadyAppliedFilter(logging.Filter):
+    """Drop Serve's "New http_options ... will not be applied" note: serve.run() re-checks the instance that
+    `start` configured a moment earlier, with no options of its own, so the options were applied."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will not be applied" not in record.getMessage()
+
+
 def start(serve_cfg: ServeConfig, model_cfg: ModelConfig, *, api_key: str | None = None) -> str:
     """Start Serve's HTTP proxy on ``host:port`` and deploy the app (Ray must be initialised); returns the URL.
 
-    ``api_key`` defaults to the ``serve_cfg.api_key_env`` variable of this process's environment.
+    ``api_key`` defaults to the ``serve_cfg.api_key_env`` variable of this process's environment. A replica
+    that fails to start raises ServeStartError carrying its own error line.
     """
     api_key = api_key or os.environ.get(serve_cfg.api_key_env) or None
+    logging.getLogger("ray.serve").addFilter(_AlreadyAppliedFilter())
     serve.start(
         http_options={
             "host": serve_cfg.host,
@@ -203,9 +246,13 @@ def start(serve_cfg: ServeConfig, model_cfg: ModelConfig, *, api_key: str | None
             "request_timeout_s": serve_cfg.request_timeout_s,
         }
     )
-    serve.run(
-        build_app(serve_cfg, model_cfg, api_key=api_key), name=APP_NAME, route_prefix="/", blocking=False
-    )
+    try:
+        serve.run(
+            build_app(serve_cfg, model_cfg, api_key=api_key), name=APP_NAME, route_prefix="/", blocking=False
+        )
+    except RuntimeError as exc:  # Serve's "Deploying application sdray failed" with every replica traceback
+        log.debug("deployment failed: %s", exc)
+        raise ServeStartError(f"the model service failed to start: {_replica_error(exc)}") from None
     return f"http://{serve_cfg.host}:{serve_cfg.port}/"
 
 
@@ -214,10 +261,16 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def serve_forever(serve_cfg: ServeConfig, model_cfg: ModelConfig, *, ready: Any = None) -> None:
-    """`sdray serve`: start Ray (local, or the cluster in RAY_ADDRESS), deploy, block until interrupted."""
+    """`sdray serve`: start Ray (local, or the cluster in RAY_ADDRESS), deploy, block until interrupted.
+
+    The model directory and the port are checked first: a mistake costs a second, not a Ray start-up and
+    a replica's retries.
+    """
     import ray
 
     from sdray.cluster import ensure_ray
+
+    check_inputs(serve_cfg, model_cfg)
 
     # ray.init installs a SIGTERM handler that aborts the process; stop cleanly (Serve shut down) instead.
     signal.signal(signal.SIGTERM, _interrupt)
