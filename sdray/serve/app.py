@@ -72,8 +72,8 @@ class SDModel:
         return "ok"
 
     def stats(self) -> dict[str, int]:
-        """Batches run and the most requests seen in one batch (tests and benchmarks read this)."""
-        return {"batches": self.batches, "largest_batch": self.largest_batch}
+        """Batches run, the most requests seen in one batch, and consecutive failed batches (for tests)."""
+        return {"batches": self.batches, "largest_batch": self.largest_batch, "failures": self.failures}
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising makes Serve replace the replica."""
@@ -86,32 +86,69 @@ class SDModel:
         Requests wait at this door while a batch runs. Serve forms the next batch while the previous one is
         still running (ray/serve/batching.py `_process_batches`), so without the door a batch closes after
         `batch_wait_timeout_s` with whoever came by then, and a busy replica alternates half-full batches.
+        The batch hands back one future per request, resolved when that request's bucket is done.
         """
         await self._idle.wait()
-        return await self.generate_batch(req)
+        return await (await self.generate_batch(req))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def generate_batch(self, requests: list[GenerationRequest]) -> list[Generation]:
-        from sdray.serve.sampler import to_png
-
+    async def generate_batch(self, requests: list[GenerationRequest]) -> list[asyncio.Future]:
         log.debug("batch of %d requests, buckets %s", len(requests), {r.bucket for r in requests})
         self._idle.clear()
-        start = time.perf_counter()
-        try:  # in a thread: the event loop keeps accepting requests for the next batch meanwhile
-            images = await asyncio.to_thread(
-                self.sampler.generate, requests, max_batch=self.cfg.max_batch_size
-            )
-        except Exception:
-            self.failures += 1
-            raise
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in requests]
+        self._running = loop.create_task(self._run_buckets(requests, futures))  # a reference keeps it alive
+        return futures
+
+    async def _run_buckets(self, requests: list[GenerationRequest], futures: list[asyncio.Future]) -> None:
+        """Cheapest bucket first, each request answered as soon as its bucket is done; a bucket that fails is
+        retried request by request, so one bad request fails alone. Only a batch in which every request
+        failed counts toward replacing the replica (`check_health`)."""
+        start, failed = time.perf_counter(), 0
+        try:
+            for group in _buckets_by_cost(requests):
+                results = await self._run_group([requests[i] for i in group])
+                model_ms = (time.perf_counter() - start) * 1000
+                for i, result in zip(group, results, strict=True):
+                    if isinstance(result, Exception):
+                        failed += 1
+                        futures[i].set_exception(result)
+                    else:
+                        futures[i].set_result(Generation(result, model_ms, len(requests)))
         finally:
             self._idle.set()
-        self.failures = 0
+        self.failures = self.failures + 1 if failed == len(requests) else 0
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(requests))
-        pngs = [[to_png(image) for image in per_request] for per_request in images]
-        model_ms = (time.perf_counter() - start) * 1000
-        return [Generation(p, model_ms, len(requests)) for p in pngs]
+
+    async def _run_group(self, group: list[GenerationRequest]) -> list[list[bytes] | Exception]:
+        """PNGs of each request of one bucket (in a thread: the event loop keeps accepting requests)."""
+        try:
+            return await asyncio.to_thread(self._pngs, group)
+        except Exception as exc:  # handed to the caller(s)
+            if len(group) == 1:
+                log.warning("request failed in the sampler: %s", exc)
+                return [exc]
+        return [(await self._run_group([req]))[0] for req in group]  # isolate the request at fault
+
+    def _pngs(self, group: list[GenerationRequest]) -> list[list[bytes]]:
+        from sdray.serve.sampler import to_png
+
+        images = self.sampler.generate(group, max_batch=self.cfg.max_batch_size)
+        return [[to_png(image) for image in per_request] for per_request in images]
+
+
+def _buckets_by_cost(requests: list[GenerationRequest]) -> list[list[int]]:
+    """Request indices grouped by bucket, cheapest bucket (steps x pixels x images) first."""
+    groups: dict[tuple, list[int]] = {}
+    for i, req in enumerate(requests):
+        groups.setdefault(req.bucket, []).append(i)
+
+    def cost(group: list[int]) -> int:
+        first = requests[group[0]]
+        return first.steps * first.width * first.height * sum(len(requests[i].seeds) for i in group)
+
+    return sorted(groups.values(), key=cost)
 
 
 @serve.deployment(name="SDIngress")

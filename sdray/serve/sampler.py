@@ -53,10 +53,36 @@ assert tuple(SCHEDULERS) == SCHEDULER_NAMES
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# The model's schedule settings a sampler must keep; a class whose constructor lacks one silently drops it
+# (PNDMScheduler has no `rescale_betas_zero_snr`, so a zero-terminal-SNR model would run another schedule).
+SCHEDULE_KEYS = ("prediction_type", "timestep_spacing", "rescale_betas_zero_snr")
+
+
+def unkept_settings(name: str, base_config: Any) -> list[str]:
+    """The model's schedule settings (SCHEDULE_KEYS, set to a non-default value) scheduler ``name`` cannot keep."""
+    params = inspect.signature(SCHEDULERS[name][0].__init__).parameters
+    return [key for key in SCHEDULE_KEYS if base_config.get(key) not in (None, False) and key not in params]
+
+
+def compatible_schedulers(base_config: Any) -> tuple[str, ...]:
+    """The sampler names that keep the model's prediction type, timestep spacing and zero-SNR setting."""
+    return tuple(name for name in SCHEDULERS if not unkept_settings(name, base_config))
+
+
 def make_scheduler(name: str, base_config: Any) -> SchedulerMixin:
-    """A fresh scheduler ``name`` built from the model's scheduler config (betas, prediction type)."""
+    """A fresh scheduler ``name`` built from the model's scheduler config (betas, prediction type).
+
+    Raises:
+        InputError: ``name`` is unknown, or cannot keep the model's schedule (the message names those that can).
+    """
     if name not in SCHEDULERS:
         raise InputError(f"scheduler: unknown {name!r}; known: {', '.join(SCHEDULERS)}")
+    unkept = unkept_settings(name, base_config)
+    if unkept:
+        raise InputError(
+            f"scheduler: {name!r} cannot keep this model's {', '.join(unkept)}; "
+            f"use one of: {', '.join(compatible_schedulers(base_config))}"
+        )
     cls, overrides = SCHEDULERS[name]
     return cls.from_config(base_config, **overrides)
 
@@ -86,6 +112,7 @@ class Sampler:
             native_size=int(self.pipe.unet.config.sample_size) * vae_factor,
             size_multiple=vae_factor,
             max_tokens=int(self.tokenizer.model_max_length),
+            schedulers=compatible_schedulers(self.pipe.scheduler.config),
         )
 
     def count_tokens(self, text: str) -> int:
@@ -124,8 +151,10 @@ class Sampler:
             [r.negative_prompt for r in requests] if cfg_on else None,
         )
         text = torch.cat([uncond, cond]) if cfg_on else cond  # (2B or B, 77, D)
-        # 2. One generator and one scheduler per image: batching must not change any image.
-        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        # 2. One generator and one scheduler per image: batching must not change any image. Generators live on
+        # the CPU whatever the model's device, so a seed gives the same noise on CPU and GPU (diffusers'
+        # reproducibility guide); torch's CUDA generator draws another sequence.
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         schedulers = [make_scheduler(spec.scheduler, self.pipe.scheduler.config) for _ in seeds]
         for scheduler in schedulers:
             scheduler.set_timesteps(spec.steps, device=self.device)
@@ -145,7 +174,8 @@ class Sampler:
     ) -> torch.Tensor:
         factor = self.pipe.vae_scale_factor
         shape = (1, self.pipe.unet.config.in_channels, spec.height // factor, spec.width // factor)
-        noise = torch.randn(shape, generator=generator, device=self.device, dtype=self.pipe.unet.dtype)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)  # on the CPU, in float32 ...
+        noise = noise.to(self.device, self.pipe.unet.dtype)  # ... then moved: the same values everywhere
         return noise * scheduler.init_noise_sigma  # (1, C, h, w)
 
     def _denoise_step(  # noqa: PLR0913 - the loop state, kept explicit for readability
