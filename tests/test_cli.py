@@ -1,5 +1,6 @@
 """The `sdray` console script: as a user runs it (a real subprocess), and its subcommands in-process."""
 
+import os
 import subprocess
 import sys
 
@@ -53,3 +54,43 @@ def test_bad_config_key_is_one_line_and_exit_2(tmp_path):
 def test_missing_config_file_exits_2(tmp_path):
     result = sdray("data", "synth", "--out", str(tmp_path / "d"), "--config", str(tmp_path / "none.yaml"))
     assert result.returncode == 2 and "config file not found" in result.stderr
+
+
+def test_a_failing_command_shows_one_error_line_and_keeps_ray_in_a_log(
+    ray_session, tiny_components, tmp_path
+):
+    # Ray starts (here: joins the session's cluster) only after the cache checks passed; everything Ray says
+    # goes to the log file; the terminal gets where the log is, then one error line.
+    from cache_fixtures import write_test_cache
+
+    cache = write_test_cache(tmp_path / "cache", tiny_components, num_rows=8, rows_per_shard=8)
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    env["SDRAY_LOG_DIR"] = str(tmp_path / "logs")
+    args = ["train", "--data", str(cache), "--out", str(tmp_path / "run"), "--set", "train.batch_size=64"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if " sdray." not in line]  # sdray's own log lines
+    (log,) = (tmp_path / "logs").iterdir()
+    assert lines == [f"details: {log} (-v shows it on the terminal)", lines[-1]], result.stderr
+    assert lines[-1].startswith("error: ") and "8 rows, but one step needs" in lines[-1]
+    assert "Ray cluster" in log.read_text()  # Ray's own "Connecting to existing Ray cluster" line
+
+
+def test_a_typo_in_the_cache_path_fails_before_ray_starts(tmp_path):
+    env = {**os.environ, "SDRAY_LOG_DIR": str(tmp_path / "logs")}
+    env.pop("RAY_ADDRESS", None)
+    args = ["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not list((tmp_path / "logs").iterdir())  # Ray said nothing: it never started
+
+
+def test_train_refuses_an_output_inside_its_cache(tmp_path, capsys):
+    from pipelines.train import main
+
+    assert main(["--data", str(tmp_path / "cache"), "--out", str(tmp_path / "cache" / "run")]) == 2
+    assert "overlap: run files would land in the latent cache" in capsys.readouterr().err

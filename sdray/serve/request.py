@@ -51,6 +51,24 @@ class ModelInfo:
     schedulers: tuple[str, ...] = field(default=SCHEDULER_NAMES)
 
 
+FAR_FROM_NATIVE = 2.0
+"""A side this many times larger (or smaller) than the model's native size gets a warning."""
+
+
+def size_warning(req: GenerationRequest, info: ModelInfo) -> str | None:
+    """A note when the size is far from what the model was trained at: slow (cost grows with the pixel
+    count) and usually poor (repeated or broken composition). None when the size is close to native."""
+    ratio = max(req.width, req.height) / info.native_size
+    if 1 / FAR_FROM_NATIVE <= ratio <= FAR_FROM_NATIVE:
+        return None
+    pixels = req.width * req.height / info.native_size**2
+    return (
+        f"{req.width}x{req.height} is {ratio:g}x the model's native {info.native_size} px per side "
+        f"({pixels:g}x the pixels per step): expect it to be slow and to look worse than "
+        f"{info.native_size}x{info.native_size}"
+    )
+
+
 def check_request(
     req: GenerationRequest, info: ModelInfo, cfg: ServeConfig, count_tokens: Callable[[str], int]
 ) -> list[tuple[str, str]]:

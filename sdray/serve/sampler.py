@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import io
 import logging
+from collections.abc import Callable
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -119,10 +120,17 @@ class Sampler:
         """Tokens of ``text`` including the start and end tokens (what must fit in ``max_tokens``)."""
         return len(self.tokenizer(text, truncation=False).input_ids)
 
-    def generate(self, requests: list[GenerationRequest], *, max_batch: int = 8) -> list[list[np.ndarray]]:
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        *,
+        max_batch: int = 8,
+        on_step: Callable[[], None] | None = None,
+    ) -> list[list[np.ndarray]]:
         """Images of each request, (H, W, 3) float32 in [0, 1], in seed order.
 
         Requests are grouped by bucket; each group runs in chunks of at most ``max_batch`` images.
+        ``on_step`` is called after every denoising step of every chunk (progress display).
         """
         images: dict[tuple[int, int], np.ndarray] = {}  # (request index, image index) -> image
         jobs = [(r, i) for r, req in enumerate(requests) for i in range(len(req.seeds))]
@@ -131,12 +139,20 @@ class Sampler:
             group = list(group)
             for start in range(0, len(group), max_batch):
                 chunk = group[start : start + max_batch]
-                out = self.sample([requests[r] for r, _ in chunk], [requests[r].seeds[i] for r, i in chunk])
+                out = self.sample(
+                    [requests[r] for r, _ in chunk], [requests[r].seeds[i] for r, i in chunk], on_step=on_step
+                )
                 images.update(zip(chunk, out, strict=True))
         return [[images[(r, i)] for i in range(len(req.seeds))] for r, req in enumerate(requests)]
 
     @torch.inference_mode()
-    def sample(self, requests: list[GenerationRequest], seeds: list[int]) -> np.ndarray:
+    def sample(
+        self,
+        requests: list[GenerationRequest],
+        seeds: list[int],
+        *,
+        on_step: Callable[[], None] | None = None,
+    ) -> np.ndarray:
         """One image per (request, seed) pair; all requests share one bucket. Returns (B, H, W, 3) float32."""
         spec = requests[0]
         if any(r.bucket != spec.bucket for r in requests):
@@ -165,6 +181,8 @@ class Sampler:
         # 4. Denoise: one UNet call per step for the whole batch, then each image's own scheduler step.
         for t in schedulers[0].timesteps:
             latents = self._denoise_step(latents, t, text, schedulers, generators, spec.guidance_scale)
+            if on_step is not None:
+                on_step()
         # 5. VAE-decode and map [-1, 1] -> [0, 1] (diffusers' VaeImageProcessor.postprocess).
         decoded = self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(decoded, output_type="np")  # (B, H, W, 3)
@@ -214,7 +232,14 @@ def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator) -> dict[
     return kwargs
 
 
-def generate_files(sampler: Sampler, req: GenerationRequest, cfg: ServeConfig, out: str | Path) -> list[Path]:
+def generate_files(
+    sampler: Sampler,
+    req: GenerationRequest,
+    cfg: ServeConfig,
+    out: str | Path,
+    *,
+    on_step: Callable[[], None] | None = None,
+) -> list[Path]:
     """`sdray generate`: check ``req``, sample it, write PNGs atomically; returns the paths.
 
     One image goes to ``out``; several go to ``out`` with ``-0``, ``-1``, ... before the suffix.
@@ -225,7 +250,7 @@ def generate_files(sampler: Sampler, req: GenerationRequest, cfg: ServeConfig, o
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InputError(f"--out must end in .png, got {out}")
-    images = sampler.generate([req], max_batch=cfg.max_batch_size)[0]
+    images = sampler.generate([req], max_batch=cfg.max_batch_size, on_step=on_step)[0]
     paths = [out] if len(images) == 1 else [out.with_stem(f"{out.stem}-{i}") for i in range(len(images))]
     for path, image in zip(paths, images, strict=True):
         atomic_write_bytes(path, to_png(image))

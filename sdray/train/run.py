@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-from sdray.cluster import ensure_ray
 from sdray.data.reader import ExpectedCache, open_cache
 from sdray.errors import ConfigError, InputError, SdrayError
 from sdray.models.config import ModelConfig
@@ -69,6 +68,16 @@ def latest_checkpoint(storage_path: str) -> tuple[int, str] | None:
         return None
     step, name = max(steps)
     return step, storage.join(folder, name)
+
+
+def _refuse_output_in_cache(data: str, output: str) -> None:
+    """A run folder inside the cache (or the cache inside a run folder) mixes run files into the data set."""
+    a, b = data.rstrip("/") + "/", output.rstrip("/") + "/"
+    if a.startswith(b) or b.startswith(a):
+        raise ConfigError(
+            f"train.output {output} and train.data {data} overlap: run files would land in the latent cache; "
+            "give --out a folder of its own"
+        )
 
 
 def _already_done(cfg: TrainConfig) -> TrainResult | None:
@@ -177,11 +186,10 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
         output=output,
         storage_path=storage.absolute(cfg.storage_path or storage.join(output, "ray")),
     )
+    _refuse_output_in_cache(cfg.data, output)
     done = _already_done(cfg)  # before train_config.yaml is rewritten: it must keep describing the run
     if done is not None:
         return done
-
-    ensure_ray()
 
     # 2. Open the cache and refuse one made for another model or too small for one step.
     cache = open_cache(cfg.data, expected_cache(cfg, model_cfg))
