@@ -94,3 +94,66 @@ def test_train_refuses_an_output_inside_its_cache(tmp_path, capsys):
 
     assert main(["--data", str(tmp_path / "cache"), "--out", str(tmp_path / "cache" / "run")]) == 2
     assert "overlap: run files would land in the latent cache" in capsys.readouterr().err
+
+
+def test_config_errors_name_the_flag_a_value_came_from(tmp_path, capsys):
+    from pipelines.data import main as data
+
+    out = ["synth", "--out", str(tmp_path / "d")]
+    assert data([*out, "--set", "synth.num_imgs=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --set synth.num_imgs: unknown key 'synth.num_imgs'") and ".yaml" not in err
+    assert data([*out, "--num-images", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --num-images: synth: num_images")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("synth: {num_imgs: 3}\n")
+    assert (
+        data([*out, "--config", str(bad), "--set", "synth.seed=1"]) == 2
+    )  # the file's fault, not the flag's
+    assert capsys.readouterr().err.startswith(f"error: {bad}: unknown key 'synth.num_imgs'")
+
+
+def test_serve_checks_the_model_folder_and_the_port_before_starting_anything(tmp_path, capsys):
+    import socket
+
+    from pipelines.serve import main as serve
+
+    assert serve(["--model", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == f"error: model.path {tmp_path / 'nope'}: does not exist\n"
+    (tmp_path / "half" / "unet").mkdir(parents=True)
+    assert serve(["--model", str(tmp_path / "half")]) == 2
+    assert "not a diffusers model directory (no vae/, text_encoder/, tokenizer/, scheduler/)" in (
+        capsys.readouterr().err
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert serve(["--port", str(port)]) == 2
+        assert f"error: serve.port {port} on 127.0.0.1: cannot listen" in capsys.readouterr().err
+    assert serve(["--port", str(port), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert f"ok: would serve preset:tiny (random init, seed 0) on http://127.0.0.1:{port}/ (no API key" in out
+
+
+def test_a_failed_replica_becomes_its_own_error_line():
+    from sdray.serve.app import _replica_error
+
+    report = (
+        "Deploying application sdray failed: Failed to update the deployments ['SDModel'].\n"
+        "ray::ServeReplica:sdray:SDModel.initialize_and_get_metadata() (pid=1, ip=127.0.0.1)\n"
+        'Traceback (most recent call last):\n  File "x.py", line 3, in f\n    raise InputError(msg)\n'
+        "sdray.errors.InputError: model.path /m: cannot load unet/: bad header\n"
+    )
+    assert _replica_error(RuntimeError(report)) == "model.path /m: cannot load unet/: bad header"
+
+
+def test_serve_stopped_by_a_signal_says_stopped_not_resume(capsys):
+    from pipelines.common import run
+
+    def body():
+        raise KeyboardInterrupt
+
+    assert run(body, interrupted="stopped: sdray serve shut down") == 130
+    err = capsys.readouterr().err
+    assert "stopped: sdray serve shut down" in err and "resume" not in err
