@@ -30,10 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
+        from sdray.train.storage import refuse_to_replace
         from sdray.vae.export import assemble_model_dir
         from sdray.vae.train import train_vae
-
-        from sdray.train.storage import refuse_to_replace
 
         cfg = load_config(args, flag_overrides(args, FLAGS))
         if args.model_dir:  # checked before training, not after

@@ -157,3 +157,21 @@ def test_serve_stopped_by_a_signal_says_stopped_not_resume(capsys):
     assert run(body, interrupted="stopped: sdray serve shut down") == 130
     err = capsys.readouterr().err
     assert "stopped: sdray serve shut down" in err and "resume" not in err
+
+
+def test_serve_start_drops_serves_options_not_applied_note():
+    # serve.run() re-checks the instance `start` configured a moment earlier and logs that new options
+    # "will not be applied" although they were: the filter on Serve's logger drops that one line only.
+    import logging
+
+    from sdray.serve.app import _AlreadyAppliedFilter
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("ray.serve", logging.INFO, __file__, 1, message, None, None)
+
+    note = (
+        'Connecting to existing Serve app in namespace "serve". '
+        "New http_options/controller_options will not be applied."
+    )
+    assert not _AlreadyAppliedFilter().filter(record(note))
+    assert _AlreadyAppliedFilter().filter(record("Deployed app 'sdray' successfully."))
