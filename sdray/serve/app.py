@@ -110,6 +110,8 @@ class SDModel:
                 results = await self._run_group([requests[i] for i in group])
                 model_ms = (time.perf_counter() - start) * 1000
                 for i, result in zip(group, results, strict=True):
+                    if futures[i].done():  # its caller went away (cancelled the future)
+                        continue
                     if isinstance(result, Exception):
                         failed += 1
                         futures[i].set_exception(result)
@@ -117,6 +119,9 @@ class SDModel:
                         futures[i].set_result(Generation(result, model_ms, len(requests)))
         finally:
             self._idle.set()
+            for future in futures:  # only after a bug above: never leave a caller waiting forever
+                if not future.done():
+                    future.set_exception(RuntimeError("the batch stopped before this request ran"))
         self.failures = self.failures + 1 if failed == len(requests) else 0
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(requests))
