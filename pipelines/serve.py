@@ -1,7 +1,7 @@
 """Serve the text-to-image sampler over HTTP with Ray Serve: OpenAI + AUTOMATIC1111 APIs and a web page.
 
 Laptop:   sdray serve                                  # tiny preset -> http://127.0.0.1:8000/ (web page)
-          sdray serve --model runs/exp1/model --port 8080
+          sdray serve --model runs/exp1/model --port 8080 --check   # check model folder and port only
           SDRAY_API_KEY=secret sdray serve             # clients then send `Authorization: Bearer secret`
 Cluster:  serve deploy pipelines/serve.yaml    # autoscaling, scale to zero: see docs/serve.md
           ray job submit --working-dir . -- sdray serve --model /shared/model --set serve.num_gpus=1
