@@ -164,7 +164,7 @@ BAD_REQUESTS = [
     ("/v1/images/generations", {"prompt": "a", "n": 5}, 422, "n", "must be in 1..4, got 5"),
     ("/v1/images/generations", {"prompt": "a", "n": 0}, 422, "n", "greater than or equal to 1"),
     ("/v1/images/generations", {"prompt": "a", "size": "65x64"}, 422, "size", "multiple of 8"),
-    ("/v1/images/generations", {"prompt": "a", "size": "512x512"}, 422, "size", "8..256, got 512"),
+    ("/v1/images/generations", {"prompt": "a", "size": "512x512"}, 422, "size", "8..256 pixels, got 512"),
     ("/v1/images/generations", {"prompt": "a", "size": "big"}, 422, "size", "should match pattern"),
     (
         "/v1/images/generations",
