@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sdray.config import apply_overrides, from_dict, load_yaml
 from sdray.data.synth import SynthConfig
 from sdray.errors import ConfigError
-from sdray.models.config import ModelConfig
+from sdray.models.config import ARCHITECTURE_PARTS, ModelConfig, saved_architecture
 from sdray.preprocess.config import PreprocessConfig
 from sdray.serve.config import ServeConfig
 from sdray.train.config import TrainConfig
@@ -73,19 +74,53 @@ def load_pipeline_config(
     base = load_yaml(path)
     overrides = overrides or []
     try:
-        return from_dict(PipelineConfig, apply_overrides(base, overrides), where="")
+        return _validated(base, overrides)
     except ConfigError as exc:
         raise ConfigError(f"{_culprit(base, overrides) or path}: {exc}") from None
 
 
-def _culprit(base: dict, overrides: list[str]) -> str | None:
+def _validated(base: dict[str, Any], overrides: list[str]) -> PipelineConfig:
+    data = apply_overrides(base, overrides)
+    _model_path_wins(data, overrides)
+    return from_dict(PipelineConfig, data, where="")
+
+
+def _culprit(base: dict[str, Any], overrides: list[str]) -> str | None:
     """The source of the first override whose addition makes the config invalid (None: the file's fault)."""
     for count in range(len(overrides) + 1):
         try:
-            from_dict(PipelineConfig, apply_overrides(base, overrides[:count]), where="")
+            _validated(base, overrides[:count])
         except ConfigError:
             if count == 0:
                 return None
             item = overrides[count - 1]
             return getattr(item, "source", None) or f"override {item.partition('=')[0]}"
     return None
+
+
+def _model_path_wins(data: dict[str, Any], overrides: list[str]) -> None:
+    """With `model.path` set, the directory's architecture replaces the preset's size overrides in ``data``.
+
+    Overrides from the config file are dropped; ones given with ``--set`` are checked against the
+    directory's saved config and refused if they differ (they would be silently ignored otherwise).
+    """
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("path"):
+        return
+    explicit = apply_overrides({}, [o for o in overrides if o.strip().startswith("model.")]).get("model", {})
+    for part in ARCHITECTURE_PARTS:
+        given = explicit.get(part) or {}
+        if given:
+            saved = saved_architecture(str(model["path"]), part)
+            for key, value in given.items():
+                if key not in saved or _plain(saved[key]) != _plain(value):
+                    raise ConfigError(
+                        f"--set model.{part}.{key}={value!r} conflicts with model.path {model['path']}, whose "
+                        f"{part} has {key}: {saved.get(key, '(not set)')!r}; a model directory holds its own "
+                        "architecture: drop the override"
+                    )
+        model[part] = {}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

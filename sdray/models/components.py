@@ -20,10 +20,10 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdray.errors import ConfigError, InputError
-from sdray.io import atomic_dir
 from sdray.models.config import COMPONENT_NAMES, ModelConfig
 from sdray.models.presets import PRESETS
 from sdray.models.tokenizer import clip_tokenizer
+from sdray.storage import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def check_model_path(cfg: ModelConfig, parts: Iterable[str] = COMPONENT_NAMES) -
     """
     if not cfg.path:
         return
-    from sdray.train.storage import exists, join
+    from sdray.storage import exists, join
 
     if not exists(cfg.path):
         raise InputError(f"model.path {cfg.path}: does not exist")
@@ -153,7 +153,7 @@ _LOADERS: dict[str, Callable[[str], Any]] = {
 
 
 def _load_part(cfg: ModelConfig, name: str) -> Any:
-    from sdray.train.storage import local_copy
+    from sdray.storage import local_copy
 
     path = Path(local_copy(cfg.path))  # a model on s3:// (or gs://) is downloaded once, then loaded locally
     if not (path / name).is_dir():
