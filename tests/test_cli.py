@@ -122,7 +122,7 @@ def test_serve_checks_the_model_folder_and_the_port_before_starting_anything(tmp
     assert capsys.readouterr().err == f"error: model.path {tmp_path / 'nope'}: does not exist\n"
     (tmp_path / "half" / "unet").mkdir(parents=True)
     assert serve(["--model", str(tmp_path / "half")]) == 2
-    assert "not a diffusers model directory (no vae/, text_encoder/, tokenizer/, scheduler/)" in (
+    assert "not a diffusers model directory (no tokenizer/, text_encoder/, vae/, scheduler/)" in (
         capsys.readouterr().err
     )
     with socket.socket() as taken:
