@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = load_config(args, flag_overrides(args, FLAGS))
-        result = run_training(cfg.train, cfg.model)
+        result = run_training(cfg.train, cfg.model, cfg.tracking)
         loss = result.metrics.get("loss")
         print(
             f"trained to step {result.step} (loss {loss:.4f})" if loss is not None else f"step {result.step}"

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         from sdray.vae.train import train_vae
 
         cfg = load_config(args, flag_overrides(args, FLAGS))
-        result = train_vae(cfg.vae_train, cfg.model)
+        result = train_vae(cfg.vae_train, cfg.model, cfg.tracking)
         print(f"held-out PSNR {result.psnr:.2f} dB after {result.steps} steps ({result.train_seconds:.0f} s)")
         print(f"wrote {result.vae_dir} (scaling factor {result.scaling_factor:.4f})")
         if args.model_dir:

@@ -24,6 +24,7 @@ from sdray.config import from_dict, to_dict
 from sdray.models.config import ModelConfig
 from sdray.serve.api import create_api
 from sdray.serve.config import ServeConfig
+from sdray.serve.metrics import ModelMetrics, metrics_url
 from sdray.serve.request import Generation, GenerationRequest, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class SDModel:
         self.failures = 0
         self.batches = 0
         self.largest_batch = 0
+        self.metrics = ModelMetrics()
         log.info("SDModel ready: %s, batches of <= %d", self.sampler.info, self.cfg.max_batch_size)
 
     def info(self) -> ModelInfo:
@@ -84,8 +86,11 @@ class SDModel:
         still running (ray/serve/batching.py `_process_batches`), so without the door a batch closes after
         `batch_wait_timeout_s` with whoever came by then, and a busy replica alternates half-full batches.
         """
+        arrived = time.perf_counter()
         await self._idle.wait()
-        return await self.generate_batch(req)
+        result = await self.generate_batch(req)
+        self.metrics.record_queue_wait(time.perf_counter() - arrived - result.model_ms / 1000)
+        return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def generate_batch(self, requests: list[GenerationRequest]) -> list[Generation]:
@@ -104,6 +109,9 @@ class SDModel:
         finally:
             self._idle.set()
         self.failures = 0
+        self.metrics.record_batch(
+            requests, sampler_s=time.perf_counter() - start, max_batch=self.cfg.max_batch_size
+        )
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(requests))
         pngs = [[to_png(image) for image in per_request] for per_request in images]
@@ -128,7 +136,7 @@ class SDIngress:
         self._info: ModelInfo | None = None
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_api(self)
+        return create_api(self, count_rejections=True)
 
     async def model_info(self) -> ModelInfo:
         if self._info is None:  # asked lazily: with min_replicas=0 no model replica runs at start
@@ -224,6 +232,7 @@ def serve_forever(serve_cfg: ServeConfig, model_cfg: ModelConfig, *, ready: Any 
     ensure_ray()  # keeps the handler above
     try:
         url = start(serve_cfg, model_cfg)
+        log.info("Prometheus metrics of this node: %s (see docs/serve.md)", metrics_url())
         if ready is not None:
             ready(url)
         while True:

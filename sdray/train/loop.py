@@ -24,6 +24,9 @@ import torch.distributed as dist
 
 from sdray.data.reader import read_empty_caption
 from sdray.models.components import load_components
+from sdray.progress import Progress, show_in_worker
+from sdray.tracking.run import CONFIG_KEY
+from sdray.tracking.steps import StepLogger
 from sdray.train import checkpoint, metrics, storage
 from sdray.train.checkpoint import RunSpec
 from sdray.train.config import TrainConfig
@@ -144,8 +147,8 @@ def _start(spec: RunSpec, rank: int, world: int, device: torch.device) -> StepRu
     return StepRunner(spec, state, model, scheduler, empty, device, world)
 
 
-def _after_step(runner: StepRunner, row: dict, rank: int, validator) -> None:
-    """Checkpoint (every checkpoint_every and at the end) or report (every log_every); validate."""
+def _after_step(runner: StepRunner, row: dict, rank: int, validator, tracker: StepLogger) -> None:
+    """Checkpoint (every checkpoint_every and at the end) or report (every log_every); validate; track."""
     import ray.train
 
     spec, state, cfg = runner.spec, runner.state, runner.spec.train
@@ -156,10 +159,12 @@ def _after_step(runner: StepRunner, row: dict, rank: int, validator) -> None:
     elif state.step % cfg.log_every == 0:
         _publish(spec, state, rank, curve=False)
         ray.train.report(row)
+    tracker.log(state.step, row)
     if validator is not None and (last or (cfg.validate_every > 0 and state.step % cfg.validate_every == 0)):
-        validator.save(
+        grid = validator.save(
             state.unet, state.ema, step=state.step, run_uri=cfg.output, resolution=spec.info.resolution
         )
+        tracker.log_image(grid, step=state.step)
 
 
 def train_worker(config: dict) -> None:
@@ -188,12 +193,21 @@ def train_worker(config: dict) -> None:
         target = cfg.loss_config(runner.scheduler.config).prediction_type
         validator = Validator(cfg, spec.model, target, device)
 
-    # 4. Training loop: step, stop on a non-finite loss, record, checkpoint or report, validate.
+    # 4. Rank 0 tracks (MLflow/TensorBoard, see sdray.tracking) and shows progress; the others do neither.
+    tracker = StepLogger.for_rank(
+        config.get(CONFIG_KEY), rank=rank, start_step=state.step, flush_every=cfg.log_every, prefix="train"
+    )
+    progress = Progress(cfg.max_steps, label="train", unit="step", done=state.step) if rank == 0 else None
+    if progress is not None:
+        show_in_worker()
+
+    # 5. Training loop: step, stop on a non-finite loss, record, checkpoint or report, validate.
     while state.step < cfg.max_steps:
         start = time.perf_counter()
         loss, grad_norm, waited = runner.step(batches)
         if not math.isfinite(loss):
             _stop_diverged(spec, state, rank, loss)
+            tracker.close()
             return
         state.step += 1
         timing = {
@@ -206,10 +220,13 @@ def train_worker(config: dict) -> None:
             step=state.step, epoch=state.epoch, loss=loss, lr=lr, grad_norm=grad_norm, timing=timing
         )
         state.history.append(row)
-        _after_step(runner, row, rank, validator)
+        _after_step(runner, row, rank, validator, tracker)
+        if progress is not None:
+            progress.update(state.step, loss=loss)
 
-    # 5. End: the last step was checkpointed in the loop; publish the final metrics and loss curve.
+    # 6. End: the last step was checkpointed in the loop; publish the final metrics and loss curve.
     _publish(spec, state, rank, curve=True)
+    tracker.close()
 
 
 def _stop_diverged(spec: RunSpec, state: TrainingState, rank: int, loss: float) -> None:

@@ -30,6 +30,10 @@ from sdray.errors import InputError
 from sdray.io import atomic_write_text
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
+from sdray.progress import Progress, show_in_worker
+from sdray.tracking import run as tracking_run
+from sdray.tracking.config import TrackingConfig
+from sdray.tracking.steps import StepLogger
 from sdray.train.storage import checkpoint_files
 from sdray.vae.config import VaeTrainConfig
 from sdray.vae.data import PIXELS, check_data_path, image_datasets, to_model_input
@@ -163,7 +167,15 @@ def train_loop_per_worker(config: dict) -> None:
     eval_images = _eval_images(ray.train.get_dataset_shard("val"), cfg.max_eval_images)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + state.step)
 
-    # 6. loop: step, and every report_every steps evaluate, checkpoint and report
+    # 6. rank 0 tracks (MLflow/TensorBoard, see sdray.tracking) and shows progress
+    tracker = StepLogger.for_rank(
+        config.get(tracking_run.CONFIG_KEY), rank=rank, start_step=state.step, flush_every=1, prefix="vae"
+    )
+    progress = Progress(cfg.max_steps, label="train-vae", unit="step", done=state.step) if rank == 0 else None
+    if progress is not None:
+        show_in_worker()
+
+    # 7. loop: step, and every report_every steps evaluate, checkpoint and report
     sums, seen, started = {"loss": 0.0, "l1": 0.0, "mse": 0.0, "kl": 0.0}, 0, time.perf_counter()
     while state.step < cfg.max_steps:
         images = next(batches)  # (B, 3, R, R)
@@ -176,6 +188,8 @@ def train_loop_per_worker(config: dict) -> None:
         for key, value in {"loss": loss.item(), **parts}.items():
             sums[key] += value
         seen += 1
+        if progress is not None:
+            progress.update(state.step, loss=loss.item())
         if state.step % cfg.report_every and state.step < cfg.max_steps:
             continue
         now = time.perf_counter()
@@ -184,9 +198,11 @@ def train_loop_per_worker(config: dict) -> None:
         metrics |= {"psnr": _held_out_psnr(vae, eval_images), "lr": lr_scheduler.get_last_lr()[0]}
         metrics |= {"elapsed_s": state.elapsed_s, "images_per_s": seen * len(images) / (now - started)}
         _report(state, metrics, rank=rank)
+        tracker.log(state.step, metrics)
         if cfg.target_psnr and metrics["psnr"] >= cfg.target_psnr:
             break  # every worker computed the same PSNR on the same images, so all stop together
         sums, seen, started = dict.fromkeys(sums, 0.0), 0, time.perf_counter()
+    tracker.close()
 
 
 def _check_sizes(cfg: VaeTrainConfig, num_train: int, num_val: int) -> None:
@@ -200,11 +216,14 @@ def _check_sizes(cfg: VaeTrainConfig, num_train: int, num_val: int) -> None:
     log.info("VAE data: %d training and %d held-out images", num_train, num_val)
 
 
-def train_vae(cfg: VaeTrainConfig, model_cfg: ModelConfig) -> VaeTrainResult:
+def train_vae(
+    cfg: VaeTrainConfig, model_cfg: ModelConfig, tracking: TrackingConfig | None = None
+) -> VaeTrainResult:
     """Train the VAE on ``cfg.data`` and export ``cfg.output/vae`` (diffusers format, safetensors).
 
     Also writes ``cfg.output/config.yaml`` (the resolved settings) and ``cfg.output/metrics.json``
     (history of {step, loss, l1, mse, kl, psnr, lr, elapsed_s, images_per_s} and the final numbers).
+    ``tracking``: MLflow / TensorBoard (sdray.tracking).
     """
     if not cfg.output:
         raise InputError("vae_train.output is empty: give a run directory (--out)")
@@ -217,9 +236,34 @@ def train_vae(cfg: VaeTrainConfig, model_cfg: ModelConfig) -> VaeTrainResult:
     train_ds, val_ds = image_datasets(cfg)
     if cfg.materialize:
         _check_sizes(cfg, train_ds.count(), val_ds.count())
-    trainer = TorchTrainer(
+    tracked = tracking_run.start_run(
+        tracking or TrackingConfig(), output=str(output), stage="train-vae", params=resolved, tags={}
+    )
+    with tracking_run.failure_status(tracked):
+        result = _trainer(
+            cfg, {**resolved, tracking_run.CONFIG_KEY: tracked.to_dict()}, train_ds, val_ds
+        ).fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"VAE training reported no checkpoint (error: {result.error})")
+        with checkpoint_files(result.checkpoint) as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True)
+        vae_dir, scaling = export_vae(state["vae"], model_cfg, cfg, train_ds, output / "vae")
+    tracking_run.finish_run(tracked, model_uri=str(vae_dir))
+    final = state["history"][-1]
+    summary = {"psnr": final["psnr"], "steps": state["step"], "train_seconds": state["elapsed_s"]}
+    summary |= {"scaling_factor": scaling, "history": state["history"]}
+    atomic_write_text(output / "metrics.json", json.dumps(summary, indent=2))
+    log.info("VAE: %.2f dB held-out PSNR after %d steps (%.0f s); exported %s", final["psnr"], state["step"],
+             state["elapsed_s"], vae_dir)  # fmt: skip
+    return VaeTrainResult(
+        vae_dir, final["psnr"], state["step"], state["elapsed_s"], scaling, state["history"]
+    )
+
+
+def _trainer(cfg: VaeTrainConfig, loop_config: dict, train_ds, val_ds) -> TorchTrainer:
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=resolved,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -229,23 +273,8 @@ def train_vae(cfg: VaeTrainConfig, model_cfg: ModelConfig) -> VaeTrainResult:
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name="vae",
-            storage_path=str(output / "ray"),
+            storage_path=str(Path(cfg.output).absolute() / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"VAE training reported no checkpoint (error: {result.error})")
-    with checkpoint_files(result.checkpoint) as ckpt_dir:
-        state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True)
-    vae_dir, scaling = export_vae(state["vae"], model_cfg, cfg, train_ds, output / "vae")
-    final = state["history"][-1]
-    summary = {"psnr": final["psnr"], "steps": state["step"], "train_seconds": state["elapsed_s"]}
-    summary |= {"scaling_factor": scaling, "history": state["history"]}
-    atomic_write_text(output / "metrics.json", json.dumps(summary, indent=2))
-    log.info("VAE: %.2f dB held-out PSNR after %d steps (%.0f s); exported %s", final["psnr"], state["step"],
-             state["elapsed_s"], vae_dir)  # fmt: skip
-    return VaeTrainResult(
-        vae_dir, final["psnr"], state["step"], state["elapsed_s"], scaling, state["history"]
     )
