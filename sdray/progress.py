@@ -82,11 +82,11 @@ def _short(value: Any) -> str:
 
 
 def show_in_worker() -> None:
-    """In a Ray worker process (whose root logger has no handler): print progress lines to stderr,
-    which Ray keeps in the worker's log file and forwards to the driver's console."""
+    """In a Ray worker process: let progress lines through at INFO, to stderr when nothing else handles them
+    (Ray keeps a worker's stderr in its log file and forwards it to the driver's console)."""
+    log.setLevel(logging.INFO)
     if not log.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
         log.propagate = False

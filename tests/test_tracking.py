@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import struct
 import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 from cache_fixtures import write_test_cache
-from mlflow_fixtures import start_mlflow_server
+from tracking_fixtures import start_mlflow_server, tensorboard_steps
 
 from sdray.errors import ConfigError
 from sdray.models.config import ModelConfig
@@ -125,22 +123,6 @@ def first_run(ray_session, server, cache, tmp_path_factory):
     return out, tracking, result
 
 
-def _tensorboard_steps(directory: Path) -> dict[str, list[int]]:
-    """tag -> steps of the summaries in the event files (TFRecord framing: length, crc, data, crc)."""
-    from tensorboardX.proto.event_pb2 import Event
-
-    steps: dict[str, list[int]] = defaultdict(list)
-    for path in sorted(directory.glob("events.out.tfevents.*")):
-        data, pos = path.read_bytes(), 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos : pos + 8])
-            event = Event.FromString(data[pos + 12 : pos + 12 + length])
-            pos += 12 + length + 4
-            for value in event.summary.value:
-                steps[value.tag].append(event.step)
-    return steps
-
-
 @pytest.mark.slow
 def test_training_is_tracked_in_mlflow_and_tensorboard(first_run, server):
     from mlflow import MlflowClient
@@ -164,7 +146,7 @@ def test_training_is_tracked_in_mlflow_and_tensorboard(first_run, server):
     model = {a.path for a in client.list_artifacts(run_id, "model")}
     assert {"model/model_index.json", "model/unet"} <= model
     assert client.list_artifacts(run_id, "images"), "the validation grid"
-    board = _tensorboard_steps(out / "tensorboard")
+    board = tensorboard_steps(out / "tensorboard")
     assert board["train/loss"] == [1, 2, 3, 4] and board["train/validation"] == [4]
 
 

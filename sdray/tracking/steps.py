@@ -14,8 +14,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from sdray.progress import Progress, show_in_worker
 from sdray.tracking.guard import Guard
-from sdray.tracking.run import TrackingRun
+from sdray.tracking.run import CONFIG_KEY, TrackingRun
 from sdray.train import storage
 
 log = logging.getLogger(__name__)
@@ -128,3 +129,45 @@ class StepLogger:
         self.flush()
         if self.writer is not None:
             self.board_guard.call("closing the event file", lambda: self.writer.close() or True)
+
+
+class WorkerTracking:
+    """A training worker's observers, on rank 0 only: the tracking backends and a progress line.
+
+    The loop's whole surface: ``step`` after every step, ``log`` for a metrics row, ``image`` for a validation
+    grid, ``close`` at the end.
+    """
+
+    def __init__(
+        self,
+        loop_config: Mapping[str, Any],
+        *,
+        rank: int,
+        start_step: int,
+        max_steps: int,
+        flush_every: int,
+        name: str,
+    ) -> None:
+        self.logger = StepLogger.for_rank(
+            loop_config.get(CONFIG_KEY),
+            rank=rank,
+            start_step=start_step,
+            flush_every=flush_every,
+            prefix=name,
+        )
+        self.progress = Progress(max_steps, label=name, unit="step", done=start_step) if rank == 0 else None
+        if self.progress is not None:
+            show_in_worker()
+
+    def step(self, step: int, *, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(step, loss=loss)
+
+    def log(self, step: int, row: Mapping[str, Any]) -> None:
+        self.logger.log(step, row)
+
+    def image(self, uri: str, *, step: int) -> None:
+        self.logger.log_image(uri, step=step)
+
+    def close(self) -> None:
+        self.logger.close()

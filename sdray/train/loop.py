@@ -24,9 +24,7 @@ import torch.distributed as dist
 
 from sdray.data.reader import read_empty_caption
 from sdray.models.components import load_components
-from sdray.progress import Progress, show_in_worker
-from sdray.tracking.run import CONFIG_KEY
-from sdray.tracking.steps import StepLogger
+from sdray.tracking.steps import WorkerTracking
 from sdray.train import checkpoint, metrics, storage
 from sdray.train.checkpoint import RunSpec
 from sdray.train.config import TrainConfig
@@ -147,7 +145,7 @@ def _start(spec: RunSpec, rank: int, world: int, device: torch.device) -> StepRu
     return StepRunner(spec, state, model, scheduler, empty, device, world)
 
 
-def _after_step(runner: StepRunner, row: dict, rank: int, validator, tracker: StepLogger) -> None:
+def _after_step(runner: StepRunner, row: dict, rank: int, validator, tracking: WorkerTracking) -> None:
     """Checkpoint (every checkpoint_every and at the end) or report (every log_every); validate; track."""
     import ray.train
 
@@ -159,12 +157,12 @@ def _after_step(runner: StepRunner, row: dict, rank: int, validator, tracker: St
     elif state.step % cfg.log_every == 0:
         _publish(spec, state, rank, curve=False)
         ray.train.report(row)
-    tracker.log(state.step, row)
+    tracking.log(state.step, row)
     if validator is not None and (last or (cfg.validate_every > 0 and state.step % cfg.validate_every == 0)):
         grid = validator.save(
             state.unet, state.ema, step=state.step, run_uri=cfg.output, resolution=spec.info.resolution
         )
-        tracker.log_image(grid, step=state.step)
+        tracking.image(grid, step=state.step)
 
 
 def train_worker(config: dict) -> None:
@@ -194,12 +192,14 @@ def train_worker(config: dict) -> None:
         validator = Validator(cfg, spec.model, target, device)
 
     # 4. Rank 0 tracks (MLflow/TensorBoard, see sdray.tracking) and shows progress; the others do neither.
-    tracker = StepLogger.for_rank(
-        config.get(CONFIG_KEY), rank=rank, start_step=state.step, flush_every=cfg.log_every, prefix="train"
+    tracking = WorkerTracking(
+        config,
+        rank=rank,
+        start_step=state.step,
+        max_steps=cfg.max_steps,
+        flush_every=cfg.log_every,
+        name="train",
     )
-    progress = Progress(cfg.max_steps, label="train", unit="step", done=state.step) if rank == 0 else None
-    if progress is not None:
-        show_in_worker()
 
     # 5. Training loop: step, stop on a non-finite loss, record, checkpoint or report, validate.
     while state.step < cfg.max_steps:
@@ -207,7 +207,7 @@ def train_worker(config: dict) -> None:
         loss, grad_norm, waited = runner.step(batches)
         if not math.isfinite(loss):
             _stop_diverged(spec, state, rank, loss)
-            tracker.close()
+            tracking.close()
             return
         state.step += 1
         timing = {
@@ -220,13 +220,12 @@ def train_worker(config: dict) -> None:
             step=state.step, epoch=state.epoch, loss=loss, lr=lr, grad_norm=grad_norm, timing=timing
         )
         state.history.append(row)
-        _after_step(runner, row, rank, validator, tracker)
-        if progress is not None:
-            progress.update(state.step, loss=loss)
+        _after_step(runner, row, rank, validator, tracking)
+        tracking.step(state.step, loss=loss)
 
     # 6. End: the last step was checkpointed in the loop; publish the final metrics and loss curve.
     _publish(spec, state, rank, curve=True)
-    tracker.close()
+    tracking.close()
 
 
 def _stop_diverged(spec: RunSpec, state: TrainingState, rank: int, loss: float) -> None:

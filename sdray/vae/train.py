@@ -30,10 +30,9 @@ from sdray.errors import InputError
 from sdray.io import atomic_write_text
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
-from sdray.progress import Progress, show_in_worker
 from sdray.tracking import run as tracking_run
 from sdray.tracking.config import TrackingConfig
-from sdray.tracking.steps import StepLogger
+from sdray.tracking.steps import WorkerTracking
 from sdray.train.storage import checkpoint_files
 from sdray.vae.config import VaeTrainConfig
 from sdray.vae.data import PIXELS, check_data_path, image_datasets, to_model_input
@@ -133,6 +132,18 @@ def _report(state: VaeTrainState, metrics: dict, *, rank: int) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
+def _optimizer_step(
+    autoencode, images: torch.Tensor, cfg: VaeTrainConfig, generator: torch.Generator, state: VaeTrainState
+) -> tuple[float, dict[str, float]]:
+    """One AdamW step on the (B, 3, R, R) ``images``; returns the loss and its parts."""
+    loss, parts = vae_loss(autoencode, images, cfg, generator)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    state.lr_scheduler.step()
+    return loss.item(), parts
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker. ``config``: {"vae_train": dict, "model": dict} (plain, picklable)."""
     # 1. typed configs and threads
@@ -162,34 +173,25 @@ def train_loop_per_worker(config: dict) -> None:
             state.load_state_dict(torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True))
         log.info("resumed at step %d", state.step)
 
-    # 5. data: this worker's shard of the training images; every worker sees all held-out images
+    # 5. data: this worker's shard of the training images; every worker sees all held-out images. Rank 0
+    #    also tracks (MLflow/TensorBoard, see sdray.tracking) and shows progress.
     batches = _batches(ray.train.get_dataset_shard("train"), cfg)
     eval_images = _eval_images(ray.train.get_dataset_shard("val"), cfg.max_eval_images)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + state.step)
-
-    # 6. rank 0 tracks (MLflow/TensorBoard, see sdray.tracking) and shows progress
-    tracker = StepLogger.for_rank(
-        config.get(tracking_run.CONFIG_KEY), rank=rank, start_step=state.step, flush_every=1, prefix="vae"
+    tracking = WorkerTracking(
+        config, rank=rank, start_step=state.step, max_steps=cfg.max_steps, flush_every=1, name="vae"
     )
-    progress = Progress(cfg.max_steps, label="train-vae", unit="step", done=state.step) if rank == 0 else None
-    if progress is not None:
-        show_in_worker()
 
-    # 7. loop: step, and every report_every steps evaluate, checkpoint and report
+    # 6. loop: step, and every report_every steps evaluate, checkpoint and report
     sums, seen, started = {"loss": 0.0, "l1": 0.0, "mse": 0.0, "kl": 0.0}, 0, time.perf_counter()
     while state.step < cfg.max_steps:
         images = next(batches)  # (B, 3, R, R)
-        loss, parts = vae_loss(autoencode, images, cfg, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_scheduler.step()
+        loss, parts = _optimizer_step(autoencode, images, cfg, generator, state)
         state.step += 1
-        for key, value in {"loss": loss.item(), **parts}.items():
+        for key, value in {"loss": loss, **parts}.items():
             sums[key] += value
         seen += 1
-        if progress is not None:
-            progress.update(state.step, loss=loss.item())
+        tracking.step(state.step, loss=loss)
         if state.step % cfg.report_every and state.step < cfg.max_steps:
             continue
         now = time.perf_counter()
@@ -198,11 +200,11 @@ def train_loop_per_worker(config: dict) -> None:
         metrics |= {"psnr": _held_out_psnr(vae, eval_images), "lr": lr_scheduler.get_last_lr()[0]}
         metrics |= {"elapsed_s": state.elapsed_s, "images_per_s": seen * len(images) / (now - started)}
         _report(state, metrics, rank=rank)
-        tracker.log(state.step, metrics)
+        tracking.log(state.step, metrics)
         if cfg.target_psnr and metrics["psnr"] >= cfg.target_psnr:
             break  # every worker computed the same PSNR on the same images, so all stop together
         sums, seen, started = dict.fromkeys(sums, 0.0), 0, time.perf_counter()
-    tracker.close()
+    tracking.close()
 
 
 def _check_sizes(cfg: VaeTrainConfig, num_train: int, num_val: int) -> None:

@@ -1,12 +1,15 @@
-"""A real MLflow tracking server on 127.0.0.1 (SQLite backend, local artifact store) for tracking tests."""
+"""For tracking tests: a real MLflow tracking server on 127.0.0.1 (SQLite backend, local artifact store), and
+a reader of TensorBoard event files."""
 
 from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,3 +61,19 @@ def start_mlflow_server(root: Path, *, timeout_s: float = 300) -> MlflowServer:
     raise RuntimeError(
         f"mlflow server not ready after {timeout_s} s: {(root / 'server.log').read_text()[-2000:]}"
     )
+
+
+def tensorboard_steps(directory: Path) -> dict[str, list[int]]:
+    """tag -> steps of the summaries in the event files (TFRecord framing: length, crc, data, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    steps: dict[str, list[int]] = defaultdict(list)
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                steps[value.tag].append(event.step)
+    return steps
