@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdray import storage
 from sdray.errors import ConfigError
 from sdray.tracking.config import TrackingConfig
 from sdray.tracking.guard import Guard, mlflow_client
-from sdray.train import storage
 
 log = logging.getLogger(__name__)
 

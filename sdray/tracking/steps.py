@@ -14,10 +14,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from sdray import storage
 from sdray.progress import Progress, show_in_worker
 from sdray.tracking.guard import Guard
 from sdray.tracking.run import CONFIG_KEY, TrackingRun
-from sdray.train import storage
 
 log = logging.getLogger(__name__)
 
