@@ -86,3 +86,21 @@ def test_cli_missing_data_exits_2(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]) == 2
     assert f"error: vae_train.data {tmp_path / 'nope'}: no such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_model_dir_that_holds_something_else_is_refused_before_training(tmp_path, capsys):
+    from pipelines.train_vae import main
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data.parquet").write_bytes(b"x")
+    args = [
+        "--data",
+        str(tmp_path / "nope"),
+        "--out",
+        str(tmp_path / "run"),
+        "--model-dir",
+        str(tmp_path / "mine"),
+    ]
+    assert main(args) == 2
+    assert "mine is not empty (data.parquet) and is not a model directory" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "data.parquet").exists()

@@ -156,10 +156,15 @@ def _check_unique_ids(
             owners[row_id] = path
 
 
-def _process(
-    cfg: PipelineConfig, out: OutputDir, fs: Any, pending: list[InputFile], info: CacheInfo
+def _process(  # noqa: PLR0913 - the run's state, kept explicit
+    cfg: PipelineConfig,
+    out: OutputDir,
+    fs: Any,
+    pending: list[InputFile],
+    info: CacheInfo,
+    rows: dict[str, int],
 ) -> Ledger:
-    ledger = Ledger(out, pending, row_counts(fs, pending, cfg.preprocess))
+    ledger = Ledger(out, pending, {f.path: rows[f.path] for f in pending})
     if ledger.records:
         paths = list(ledger.records)
         ds = build_dataset(cfg, fs=fs, paths=paths, out=out, info=info)
@@ -181,6 +186,9 @@ def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     pre = cfg.preprocess
     out = OutputDir(pre.output)
     fs, files = resolve_inputs(pre.input)
+    # Columns and types of the files to do, from their footers: a typo fails here, before anything is
+    # written to the output or Ray starts.
+    rows = row_counts(fs, _pending(out, files, out.done()), pre)
     start = time.perf_counter()
     components = load_components(cfg.model, parts=("tokenizer", "text_encoder", "vae"))
     info = cache_info(components, cfg)
@@ -200,7 +208,7 @@ def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     if pending:
         ensure_ray()
     start = time.perf_counter()
-    ledger = _process(cfg, out, fs, pending, info) if pending else None
+    ledger = _process(cfg, out, fs, pending, info, rows) if pending else None
     wall = time.perf_counter() - start
     summary = {**totals(out.done()), "cache_existed": existed, "this_run": _run_stats(ledger, wall, load_s)}
     out.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())

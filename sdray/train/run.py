@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from sdray import storage
-from sdray.cluster import ensure_ray
 from sdray.data.reader import ExpectedCache, open_cache
 from sdray.errors import ConfigError, InputError, SdrayError
 from sdray.models.config import ModelConfig, saved_architecture
@@ -49,6 +49,55 @@ class TrainResult:
     """The exported diffusers directory, if exported."""
     metrics: dict[str, Any]
     """The metrics row of the last checkpointed step."""
+    already_done: bool = False
+    """The run was already at or past ``max_steps``: nothing was trained, nothing rewritten."""
+
+
+def latest_checkpoint(storage_path: str) -> tuple[int, str] | None:
+    """(step, URI) of the newest ``checkpoint-step-*`` folder of a run's Ray Train storage, if any."""
+    import pyarrow.fs as pafs
+
+    folder = storage.join(storage_path, RUN_NAME)
+    if not storage.exists(folder):
+        return None
+    fs, path = storage.resolve(folder)
+    steps = [
+        (int(e.base_name.rpartition("-")[2]), e.base_name)
+        for e in fs.get_file_info(pafs.FileSelector(path))
+        if e.type == pafs.FileType.Directory and re.fullmatch(r"checkpoint-step-\d+", e.base_name)
+    ]
+    if not steps:
+        return None
+    step, name = max(steps)
+    return step, storage.join(folder, name)
+
+
+def _refuse_output_in_cache(data: str, output: str) -> None:
+    """A run folder inside the cache (or the cache inside a run folder) mixes run files into the data set."""
+    a, b = data.rstrip("/") + "/", output.rstrip("/") + "/"
+    if a.startswith(b) or b.startswith(a):
+        raise ConfigError(
+            f"train.output {output} and train.data {data} overlap: run files would land in the latent cache; "
+            "give --out a folder of its own"
+        )
+
+
+def _already_done(cfg: TrainConfig) -> TrainResult | None:
+    """The run in ``cfg.output`` when it is already at or past ``cfg.max_steps`` (nothing to train)."""
+    latest = latest_checkpoint(cfg.storage_path)
+    if latest is None or latest[0] < cfg.max_steps:
+        return None
+    model = storage.join(cfg.output, MODEL_DIR)
+    if cfg.export and not storage.exists(model):
+        return None  # stopped between the last checkpoint and the export: the normal path exports
+    return TrainResult(
+        output=cfg.output,
+        step=latest[0],
+        checkpoint=latest[1],
+        model=model if cfg.export else None,
+        metrics={},
+        already_done=True,
+    )
 
 
 def _arch(model_cfg: ModelConfig, part: str) -> dict[str, Any]:
@@ -134,8 +183,10 @@ def run_training(
         output=output,
         storage_path=storage.absolute(cfg.storage_path or storage.join(output, "ray")),
     )
-
-    ensure_ray()
+    _refuse_output_in_cache(cfg.data, output)
+    done = _already_done(cfg)  # before train_config.yaml is rewritten: it must keep describing the run
+    if done is not None:
+        return done
 
     # 2. Open the cache and refuse one made for another model or too small for one step.
     cache = open_cache(cfg.data, expected_cache(cfg, model_cfg))
