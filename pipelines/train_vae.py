@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model_dir:  # checked before training, not after
             refuse_to_replace(args.model_dir, marker="model_index.json", what="a model directory",
                               overwrite=args.overwrite)  # fmt: skip
-        result = train_vae(cfg.vae_train, cfg.model)
+        result = train_vae(cfg.vae_train, cfg.model, cfg.tracking)
         print(f"held-out PSNR {result.psnr:.2f} dB after {result.steps} steps ({result.train_seconds:.0f} s)")
         print(f"wrote {result.vae_dir} (scaling factor {result.scaling_factor:.4f})")
         if args.model_dir:

@@ -16,6 +16,7 @@ from sdray.errors import ConfigError
 from sdray.models.config import ARCHITECTURE_PARTS, ModelConfig, saved_architecture
 from sdray.preprocess.config import PreprocessConfig
 from sdray.serve.config import ServeConfig
+from sdray.tracking.config import TrackingConfig
 from sdray.train.config import TrainConfig
 from sdray.vae.config import VaeTrainConfig
 
@@ -37,6 +38,8 @@ class PipelineConfig:
     """`sdray train`: stage 2."""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """`sdray serve` / `sdray generate`: stage 3."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking of `sdray train` and `sdray train-vae` (MLflow, TensorBoard); see docs/train.md."""
 
 
 def resolve_config_path(name_or_path: str) -> Path:

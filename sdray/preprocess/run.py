@@ -31,6 +31,7 @@ from sdray.pipeline_config import PipelineConfig
 from sdray.preprocess.dataset import build_dataset
 from sdray.preprocess.inputs import InputFile, read_ids, resolve_inputs, row_counts
 from sdray.preprocess.manifest import OutputDir, totals
+from sdray.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Ledger:
         self.rejects: dict[str, list[dict[str, str]]] = defaultdict(list)
         self.stage_s: Counter[str] = Counter()
         self.committed: list[UnitRecord] = []
+        self.rows_done = self.rows_rejected = 0  # this run's progress
         for path in [p for p, r in self.records.items() if r.rows == 0]:
             self._commit(path)
 
@@ -87,7 +89,9 @@ class Ledger:
             if record is None:
                 raise RuntimeError(f"write event for unknown or finished input {e['unit']!r}")
             touched.add(e["unit"])
+            self.rows_done += 1 if e["kind"] == "reject" else e["rows"]
             if e["kind"] == "reject":
+                self.rows_rejected += 1
                 record.rejected[e["reason"]] = record.rejected.get(e["reason"], 0) + 1
                 self.rejects[e["unit"]].append(
                     {"id": e["name"], "reason": e["reason"], "detail": e["detail"], "input": e["unit"]}
@@ -164,8 +168,11 @@ def _process(  # noqa: PLR0913 - the run's state, kept explicit
     if ledger.records:
         paths = list(ledger.records)
         ds = build_dataset(cfg, fs=fs, paths=paths, out=out, info=info)
+        total = sum(record.rows for record in ledger.records.values())
+        progress = Progress(total, label="preprocess", unit="images")
         for events in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             ledger.add(events)
+            progress.update(ledger.rows_done, rejected=ledger.rows_rejected)
     ledger.finish()
     return ledger
 

@@ -177,8 +177,11 @@ class RequestLimits:
         return None
 
 
-def create_api(backend: ImageBackend) -> FastAPI:
-    """The HTTP app: web page, health, model card, OpenAI images API, AUTOMATIC1111 txt2img."""
+def create_api(backend: ImageBackend, *, count_rejections: bool = False) -> FastAPI:
+    """The HTTP app: web page, health, model card, OpenAI images API, AUTOMATIC1111 txt2img.
+
+    ``count_rejections`` (in a Serve replica): count answers >= 400 in a Ray Serve metric by reason.
+    """
     api = FastAPI(
         title="sdray",
         summary="Stable Diffusion text-to-image on Ray Serve",
@@ -187,6 +190,10 @@ def create_api(backend: ImageBackend) -> FastAPI:
         version="0.1.0",
     )
     api.add_middleware(RequestLimits, backend=backend)
+    if count_rejections:
+        from sdray.serve.metrics import CountRejections
+
+        api.add_middleware(CountRejections)  # added last = outermost: also sees RequestLimits' refusals
     _add_info_routes(api, backend)
     _add_generation_routes(api, backend)
     return api

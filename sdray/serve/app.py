@@ -27,6 +27,7 @@ from sdray.errors import InputError, SdrayError
 from sdray.models.config import ModelConfig
 from sdray.serve.api import create_api
 from sdray.serve.config import ServeConfig
+from sdray.serve.metrics import ModelMetrics, metrics_url
 from sdray.serve.request import Generation, GenerationRequest, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class SDModel:
         self.failures = 0
         self.batches = 0
         self.largest_batch = 0
+        self.metrics = ModelMetrics()
         log.info("SDModel ready: %s, batches of <= %d", self.sampler.info, self.cfg.max_batch_size)
 
     def info(self) -> ModelInfo:
@@ -88,8 +90,11 @@ class SDModel:
         `batch_wait_timeout_s` with whoever came by then, and a busy replica alternates half-full batches.
         The batch hands back one future per request, resolved when that request's bucket is done.
         """
+        arrived = time.perf_counter()
         await self._idle.wait()
-        return await (await self.generate_batch(req))
+        result = await (await self.generate_batch(req))
+        self.metrics.record_queue_wait(time.perf_counter() - arrived - result.model_ms / 1000)
+        return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def generate_batch(self, requests: list[GenerationRequest]) -> list[asyncio.Future]:
@@ -123,6 +128,9 @@ class SDModel:
                 if not future.done():
                     future.set_exception(RuntimeError("the batch stopped before this request ran"))
         self.failures = self.failures + 1 if failed == len(requests) else 0
+        self.metrics.record_batch(
+            requests, sampler_s=time.perf_counter() - start, max_batch=self.cfg.max_batch_size
+        )
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(requests))
 
@@ -173,7 +181,7 @@ class SDIngress:
         self._info: ModelInfo | None = None
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_api(self)
+        return create_api(self, count_rejections=True)
 
     async def model_info(self) -> ModelInfo:
         if self._info is None:  # asked lazily: with min_replicas=0 no model replica runs at start
@@ -319,6 +327,7 @@ def serve_forever(serve_cfg: ServeConfig, model_cfg: ModelConfig, *, ready: Any 
     ensure_ray()  # keeps the handler above
     try:
         url = start(serve_cfg, model_cfg)
+        log.info("Prometheus metrics of this node: %s (see docs/serve.md)", metrics_url())
         if ready is not None:
             ready(url)
         while True:

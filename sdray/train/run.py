@@ -20,6 +20,8 @@ from sdray.data.reader import ExpectedCache, open_cache
 from sdray.errors import ConfigError, InputError, SdrayError
 from sdray.models.config import ModelConfig, saved_architecture
 from sdray.models.presets import PRESETS
+from sdray.tracking import run as tracking_run
+from sdray.tracking.config import TrackingConfig
 from sdray.train.checkpoint import RunSpec
 from sdray.train.config import TrainConfig
 from sdray.train.loop import DIVERGED_FILE, train_worker
@@ -121,7 +123,7 @@ def expected_cache(cfg: TrainConfig, model_cfg: ModelConfig) -> ExpectedCache:
     )
 
 
-def _trainer(spec: RunSpec, dataset: Any):
+def _trainer(spec: RunSpec, dataset: Any, tracked: tracking_run.TrackingRun):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -132,7 +134,7 @@ def _trainer(spec: RunSpec, dataset: Any):
     )
     return TorchTrainer(
         train_worker,
-        train_loop_config=spec.to_dict(),
+        train_loop_config={**spec.to_dict(), tracking_run.CONFIG_KEY: tracked.to_dict()},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -164,8 +166,13 @@ def _raise_diverged(status_uri: str, result: Any) -> None:
     )
 
 
-def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
-    """Train (or resume) the run in ``cfg.output`` and export the model; see docs/train.md."""
+def run_training(
+    cfg: TrainConfig, model_cfg: ModelConfig, tracking: TrackingConfig | None = None
+) -> TrainResult:
+    """Train (or resume) the run in ``cfg.output`` and export the model; see docs/train.md.
+
+    ``tracking``: MLflow / TensorBoard (sdray.tracking); a resumed run continues the same MLflow run.
+    """
     # 1. Resolve paths: absolute local paths or URIs, the same strings on every node.
     if not cfg.data or not cfg.output:
         raise ConfigError("train.data (a latent cache) and train.output (the run directory) are required")
@@ -196,10 +203,26 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
     )
 
     # 4. Fit; Ray restarts failed workers from the last checkpoint (FailureConfig).
+    tracked = tracking_run.start_run(
+        tracking or TrackingConfig(),
+        output=output,
+        stage="train",
+        params=spec.to_dict(),
+        tags={"sdray.cache_fingerprint": cache.info.encoder_fingerprint, "sdray.cache": cfg.data},
+    )
+    with tracking_run.failure_status(tracked):
+        result = _fit_and_export(spec, cache, tracked)
+    tracking_run.finish_run(tracked, model_uri=result.model)
+    return result
+
+
+def _fit_and_export(spec: RunSpec, cache: Any, tracked: tracking_run.TrackingRun) -> TrainResult:
+    """Steps 4 and 5 of `run_training`: fit (resuming from Ray's latest checkpoint), then export."""
+    cfg, output = spec.train, spec.train.output
     diverged_uri = storage.join(output, DIVERGED_FILE)
     storage.remove(diverged_uri)  # left by an earlier attempt; this one resumes from its last good checkpoint
     dataset = cache.dataset.materialize() if cfg.materialize else cache.dataset
-    result = _trainer(spec, dataset).fit()
+    result = _trainer(spec, dataset, tracked).fit()
     latest = result.checkpoint
     if storage.exists(diverged_uri):
         _raise_diverged(diverged_uri, result)
