@@ -39,6 +39,7 @@ NOT_RUN: tuple[tuple[str, str], ...] = (
     (r"scripts/local_cluster\.py", "starts a multi-node Ray cluster (tests/test_multinode.py)"),
     (r"^sdray demo\b", "minutes even with --quick (tests/test_demo.py runs it small)"),
     (r"^curl\b", "needs a server on port 8000; the API is covered by tests/test_serve.py"),
+    (r"^(kubectl|docker)\b", "needs a Kubernetes cluster and an image registry (deploy/kuberay)"),
 )
 
 

@@ -86,3 +86,36 @@ def test_size_errors_are_said_once_and_name_the_real_problem(client):
     assert [d["msg"] for d in square.json()["detail"]] == ["size must be a multiple of 8, got 60"]
     big = client.post("/sd/v1/images/generations", json={"prompt": "a", "size": "2048x2048"}, headers=auth)
     assert [d["msg"] for d in big.json()["detail"]] == ["size must be in 8..1024 pixels, got 2048"]
+
+
+def test_refused_body_is_read_so_urllib_sees_the_413(backend):
+    # Without Ray: the same app behind a real uvicorn server. urllib sends the whole body before reading the
+    # answer; had the server answered without reading it, the client would see a connection reset.
+    import json
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    import uvicorn
+    from serve_fixtures import free_port
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_api(backend), host="127.0.0.1", port=port, log_level="error")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        body = json.dumps({"prompt": "a", "pad": "x" * 20_000_000}).encode()
+        headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/images/generations", body, headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 413
+        assert json.loads(refused.value.read()) == {"detail": "body: larger than 1024 bytes"}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
