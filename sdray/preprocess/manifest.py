@@ -43,6 +43,7 @@ _MUST_MATCH = (
     "text_embeds_shape",
     "has_std",
     "vae_scaling_factor",
+    "buckets",
 )
 
 
@@ -57,6 +58,8 @@ class UnitRecord:
     rejected: dict[str, int] = field(default_factory=dict)
     shards: list[str] = field(default_factory=list)
     bytes_written: int = 0
+    buckets: dict[str, int] = field(default_factory=dict)
+    """Rows written per aspect-ratio bucket ("HxW"); empty for a square cache."""
 
     @property
     def accounted(self) -> int:
@@ -176,8 +179,11 @@ class OutputDir:
 def totals(records: dict[str, UnitRecord]) -> dict[str, object]:
     """Rows in / written / rejected by reason over manifest records; in == written + rejected."""
     rejected: Counter[str] = Counter()
+    per_bucket: Counter[str] = Counter()
     for record in records.values():
         rejected.update(record.rejected)
+        per_bucket.update(record.buckets)
+    bucket_rows = {"buckets": dict(sorted(per_bucket.items()))} if per_bucket else {}
     return {
         "input_files": len(records),
         "rows_in": sum(r.rows for r in records.values()),
@@ -186,4 +192,5 @@ def totals(records: dict[str, UnitRecord]) -> dict[str, object]:
         "rejected_by_reason": dict(sorted(rejected.items())),
         "shards": sum(len(r.shards) for r in records.values()),
         "bytes_written": sum(r.bytes_written for r in records.values()),
+        **bucket_rows,
     }

@@ -31,6 +31,7 @@ from PIL import Image
 from sdray.errors import InputError
 from sdray.io import atomic_write_bytes
 from sdray.models.components import SDComponents
+from sdray.serve.buckets import trained_buckets
 from sdray.serve.config import SCHEDULER_NAMES, ServeConfig
 from sdray.serve.request import GenerationRequest, ModelInfo, check_request
 
@@ -74,6 +75,7 @@ class Sampler:
     def __init__(
         self, components: SDComponents, *, source: str = "", device: str = "cpu", dtype: str = "float32"
     ) -> None:
+        """``source``: the model directory (its recorded aspect buckets are read from there) or a label."""
         self.pipe = components.pipeline().to(device)
         if dtype != "float32":  # a GPU option (ServeConfig refuses it on CPU)
             self.pipe.to(dtype=_DTYPES[dtype])
@@ -86,6 +88,7 @@ class Sampler:
             native_size=int(self.pipe.unet.config.sample_size) * vae_factor,
             size_multiple=vae_factor,
             max_tokens=int(self.tokenizer.model_max_length),
+            buckets=trained_buckets(source),
         )
 
     def count_tokens(self, text: str) -> int:

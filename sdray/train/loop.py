@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sdray.data.reader import read_empty_caption
+from sdray.data.reader import cache_shards, read_empty_caption
 from sdray.models.components import load_components
 from sdray.train import checkpoint, metrics, storage
+from sdray.train.bucket_batcher import BucketStore, bucket_micro_batches
 from sdray.train.checkpoint import RunSpec
 from sdray.train.config import TrainConfig
 from sdray.train.loss import diffusion_loss, draw_noise, prepare_batch
@@ -179,8 +180,13 @@ def train_worker(config: dict) -> None:
     runner = _start(spec, rank, world, device)
     state = runner.state
 
-    # 3. Data: this worker's shard, streamed; rank 0 also renders validation grids.
-    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, state, rank)
+    # 3. Data: this worker's shard, streamed (a bucketed cache: the bucket batcher); rank 0 also validates.
+    if spec.info.buckets:
+        fs, shards = cache_shards(cfg.data)
+        store = BucketStore.load(fs, shards, spec.info)
+        batches = bucket_micro_batches(store, cfg, state, rank, world, device)
+    else:
+        batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, state, rank)
     validator = None
     if rank == 0 and cfg.validate_every >= 0:
         from sdray.train.validation import Validator
