@@ -11,7 +11,7 @@ import logging
 
 import yaml
 
-from sdray.data.buckets import Bucket, label, nearest_trained
+from sdray.data.buckets import Bucket, nearest_trained
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,3 @@ def size_problem(
         return f"{message}; ask for one of them, or set serve.off_bucket: warn"
     log.warning("%s; generating anyway (serve.off_bucket: warn)", message)
     return ""
-
-
-__all__ = ["TRAIN_INFO_FILE", "label", "size_problem", "trained_buckets"]
