@@ -10,7 +10,6 @@ shape, ``original_size`` (N, 2) and ``crop_box`` (N, 4) where it came from.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 
@@ -18,8 +17,7 @@ import numpy as np
 from PIL import Image
 
 from sdray.data import buckets, cache
-from sdray.errors import InputError
-from sdray.models.config import ModelConfig
+from sdray.models.config import ModelConfig, saved_architecture
 from sdray.models.presets import PRESETS
 from sdray.preprocess import rejects
 from sdray.preprocess.config import PreprocessConfig
@@ -32,12 +30,7 @@ Batch = dict[str, np.ndarray]
 def unet_down_blocks(model: ModelConfig) -> int:
     """Down blocks of the model's UNet, from its config alone (preset, or `unet/config.json` of model.path)."""
     if model.path:
-        from sdray.train import storage
-
-        uri = storage.join(model.path, "unet", "config.json")
-        if not storage.exists(uri):
-            raise InputError(f"model.path {model.path}: no unet/config.json (buckets need the UNet's depth)")
-        return len(json.loads(storage.read_bytes(uri))["down_block_types"])
+        return len(saved_architecture(model.path, "unet")["down_block_types"])
     return len({**PRESETS[model.preset]["unet"], **model.unet}["down_block_types"])
 
 

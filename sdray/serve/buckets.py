@@ -20,7 +20,7 @@ TRAIN_INFO_FILE = "sdray_train.yaml"  # written by sdray.train.export
 
 def trained_buckets(model_dir: str) -> tuple[Bucket, ...]:
     """(height, width) buckets recorded in ``model_dir``/sdray_train.yaml; () when none are recorded."""
-    from sdray.train import storage
+    from sdray import storage
 
     if not model_dir or model_dir.startswith("preset:"):
         return ()

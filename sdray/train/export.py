@@ -15,8 +15,9 @@ import yaml
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
+from sdray import storage
 from sdray.models.components import load_components, save_components
-from sdray.train import checkpoint, storage
+from sdray.train import checkpoint
 from sdray.train.validation import FROZEN_PARTS
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,14 @@ def export_checkpoint(checkpoint_dir: str | Path, out_uri: str, *, use_ema: bool
         ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
         ema.load_state_dict(state["ema"])
         ema.copy_to(unet.parameters())
-    target = spec.train.loss_config(components.scheduler.config).prediction_type
-    components.scheduler = DDPMScheduler.from_config(components.scheduler.config, prediction_type=target)
+    components.scheduler = DDPMScheduler.from_config(
+        components.scheduler.config, prediction_type=spec.train.loss.prediction_type
+    )
     with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp:
         local = save_components(components, Path(tmp) / "model")
         info = {"step": state["step"], "weights": "ema" if use_ema and state["ema"] is not None else "raw"}
         (local / TRAIN_INFO_FILE).write_text(yaml.safe_dump({**info, **spec.to_dict()}, sort_keys=False))
-        storage.upload_dir(str(local), out_uri)
+        storage.publish_dir(str(local), out_uri)
     log.info("exported step %d (%s weights) to %s", state["step"], info["weights"], out_uri)
     return out_uri
 
