@@ -319,3 +319,13 @@ def test_exported_model_serves_its_buckets_over_http(bucket_run):
         far = c.post("/v1/images/generations", json={"prompt": "a red circle", "size": "128x32"})
         assert far.status_code == 422
         assert "128x32 is far from the sizes this model was trained at (48x80, 64x64, 80x48)" in far.text
+
+
+def test_bucketed_demo_config_is_the_demo_plus_buckets():
+    """demo_buckets.yaml must not drift from demo.yaml: only the bucket settings differ."""
+    bucket_sets = [
+        "synth.aspect_sizes=[64x64, 96x64, 64x96]",
+        "preprocess.buckets=true",
+        "preprocess.bucket_step=16",
+    ]
+    assert load_pipeline_config("demo_buckets") == load_pipeline_config("demo", bucket_sets)
