@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
+        from tqdm import tqdm
+
         from sdray.models.components import load_components
+        from sdray.serve.request import size_warning
         from sdray.serve.sampler import Sampler, generate_files
         from sdray.serve.schemas import parse_images_request
 
@@ -41,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         fields = {name: getattr(args, name) for name in REQUEST_FIELDS if getattr(args, name) is not None}
         sampler = Sampler(load_components(cfg.model), source=cfg.model.source)
         req = parse_images_request(fields).to_generation(cfg.serve, sampler.info)
-        for path, seed in zip(generate_files(sampler, req, cfg.serve, args.out), req.seeds, strict=True):
+        if warning := size_warning(req, sampler.info):
+            print(f"note: {warning}")
+        chunks = -(-len(req.seeds) // cfg.serve.max_batch_size)
+        with tqdm(total=req.steps * chunks, desc="sampling", unit="step", file=sys.stdout) as bar:
+            paths = generate_files(sampler, req, cfg.serve, args.out, on_step=bar.update)
+        for path, seed in zip(paths, req.seeds, strict=True):
             print(f"wrote {path} ({req.width}x{req.height}, seed {seed}, {req.steps} steps {req.scheduler})")
 
     return run(body, verbose=args.verbose)
