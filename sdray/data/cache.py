@@ -24,6 +24,17 @@ Columns (plain pyarrow types; tensors are flattened row-major, shapes come from 
 
 Reading without Ray: `pq.read_table(d).column("latent").combine_chunks().flatten().to_numpy()
 .reshape(-1, *info.latent_shape)`.
+
+Bucketed caches (format 2, `CacheInfo.buckets` non-empty: aspect-ratio buckets, `sdray.data.buckets`) hold
+rows of several shapes. Every shard holds one bucket (`part-<unit>-<H>x<W>-<hash>.parquet`) and all shards
+share one schema, so `pq.read_table(d)` reads the whole cache; the tensor columns are variable-length lists
+and each row says its shape:
+    latent, latent_std  list<halffloat>           C*(bucket_h/f)*(bucket_w/f) values, f = resolution // latent_shape[1]
+    bucket_h, bucket_w  int32                     the bucket (pixels) the image was cropped to
+    original_size       fixed_size_list<int32>[2] (height, width) of the source image after EXIF orientation
+    crop_box            fixed_size_list<int32>[4] (left, top, right, bottom) kept, in source-image pixels
+`_cache.json` lists the ladder (`buckets`) and rows per bucket (`bucket_counts`). Format 1 caches (square,
+written before buckets existed) are read unchanged.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,8 +53,10 @@ import pyarrow.parquet as pq
 from sdray import storage
 from sdray.errors import InputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 = 1 + optional buckets: a format 1 cache is a square cache
 ID, LATENT, LATENT_STD, TEXT_EMBEDS, CAPTION = "id", "latent", "latent_std", "text_embeds", "caption"
+BUCKET_H, BUCKET_W, ORIGINAL_SIZE, CROP_BOX = "bucket_h", "bucket_w", "original_size", "crop_box"
 INFO_FILE = "_cache.json"
 EMPTY_CAPTION_FILE = "_empty_caption.safetensors"
 EMPTY_CAPTION_KEY = "text_embeds"
@@ -73,6 +87,10 @@ class CacheInfo:
     """Whether `latent_std` is stored, so training can sample the posterior."""
     model_source: str = ""
     """Where the encoders came from (path or preset), for humans."""
+    buckets: tuple[tuple[int, int], ...] = ()
+    """The aspect-ratio bucket ladder, (height, width) pixels; empty for a square cache."""
+    bucket_counts: dict[str, int] = field(default_factory=dict)
+    """Rows per bucket ("HxW" -> rows), filled in `_cache.json` when preprocessing completes."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -81,10 +99,11 @@ class CacheInfo:
     def from_json(cls, text: str, *, where: str) -> CacheInfo:
         try:
             data = json.loads(text)
-            if data.get("format_version") != FORMAT_VERSION:
+            if data.get("format_version") not in READABLE_VERSIONS:
                 raise InputError(
-                    f"{where}: cache format version {data.get('format_version')}, "
-                    f"this sdray reads version {FORMAT_VERSION}; re-run `sdray preprocess`"
+                    f"{where}: cache format version {data.get('format_version')}, this sdray reads versions "
+                    f"{', '.join(map(str, READABLE_VERSIONS))}; re-run `sdray preprocess` into a new output "
+                    "directory"
                 )
             return cls.from_dict(data)
         except (ValueError, KeyError, TypeError) as exc:
@@ -94,7 +113,17 @@ class CacheInfo:
     def from_dict(cls, data: dict) -> CacheInfo:
         """From ``asdict(info)`` (JSON or YAML turned the shapes into lists); raises KeyError/TypeError/ValueError."""
         shapes = {key: tuple(data[key]) for key in ("latent_shape", "text_embeds_shape")}
-        return cls(**{**data, **shapes})
+        buckets = tuple(tuple(b) for b in data.get("buckets", ()))
+        return cls(**{**data, **shapes, "buckets": buckets})
+
+    @property
+    def vae_factor(self) -> int:
+        """Image pixels per latent pixel."""
+        return self.resolution // self.latent_shape[1]
+
+    def row_latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latent of an image of ``height x width`` pixels."""
+        return (self.latent_shape[0], height // self.vae_factor, width // self.vae_factor)
 
 
 def _tensor_type(shape: tuple[int, ...]) -> pa.DataType:
@@ -103,10 +132,17 @@ def _tensor_type(shape: tuple[int, ...]) -> pa.DataType:
 
 def cache_schema(info: CacheInfo) -> pa.Schema:
     """The arrow schema of every shard, with CacheInfo in its metadata."""
-    fields = [pa.field(ID, pa.string()), pa.field(LATENT, _tensor_type(info.latent_shape))]
+    latent_type = pa.list_(pa.float16()) if info.buckets else _tensor_type(info.latent_shape)
+    fields = [pa.field(ID, pa.string()), pa.field(LATENT, latent_type)]
     if info.has_std:
-        fields.append(pa.field(LATENT_STD, _tensor_type(info.latent_shape)))
+        fields.append(pa.field(LATENT_STD, latent_type))
     fields += [pa.field(TEXT_EMBEDS, _tensor_type(info.text_embeds_shape)), pa.field(CAPTION, pa.string())]
+    if info.buckets:
+        fields += [pa.field(BUCKET_H, pa.int32()), pa.field(BUCKET_W, pa.int32())]
+        fields += [
+            pa.field(ORIGINAL_SIZE, pa.list_(pa.int32(), 2)),
+            pa.field(CROP_BOX, pa.list_(pa.int32(), 4)),
+        ]
     return pa.schema(fields, metadata={METADATA_KEY: info.to_json().encode()})
 
 
@@ -134,6 +170,31 @@ def to_table(
         columns[LATENT_STD] = _tensor_column(latent_std, info.latent_shape, LATENT_STD)
     columns[TEXT_EMBEDS] = _tensor_column(text_embeds, info.text_embeds_shape, TEXT_EMBEDS)
     columns[CAPTION] = pa.array(captions, pa.string())
+    return pa.Table.from_pydict(columns, schema=cache_schema(info))
+
+
+def to_bucket_table(info: CacheInfo, bucket: tuple[int, int], rows: dict[str, Any]) -> pa.Table:
+    """Rows of one bucket of a bucketed cache. ``rows``: column name -> values, with ``latent`` (and
+    ``latent_std``) (N, C, h, w) for the bucket's latent shape, ``text_embeds`` (N, 77, D), ``original_size``
+    (N, 2) and ``crop_box`` (N, 4) ints, ``id`` and ``caption`` lists."""
+    shape = info.row_latent_shape(*bucket)
+    n = len(rows[ID])
+    columns: dict[str, Any] = {ID: pa.array(rows[ID], pa.string())}
+    for name in (LATENT, LATENT_STD) if info.has_std else (LATENT,):
+        values = np.asarray(rows[name])
+        if values.shape != (n, *shape):
+            raise ValueError(f"{name}: bucket {bucket} needs rows of shape {shape}, got {values.shape[1:]}")
+        flat = pa.array(np.ascontiguousarray(values, dtype=np.float16).reshape(-1), type=pa.float16())
+        columns[name] = pa.ListArray.from_arrays(
+            pa.array(np.arange(n + 1) * math.prod(shape), pa.int32()), flat
+        )
+    columns[TEXT_EMBEDS] = _tensor_column(rows[TEXT_EMBEDS], info.text_embeds_shape, TEXT_EMBEDS)
+    columns[CAPTION] = pa.array(rows[CAPTION], pa.string())
+    columns[BUCKET_H] = pa.array([bucket[0]] * n, pa.int32())
+    columns[BUCKET_W] = pa.array([bucket[1]] * n, pa.int32())
+    for name, width in ((ORIGINAL_SIZE, 2), (CROP_BOX, 4)):
+        ints = pa.array(np.asarray(rows[name], np.int32).reshape(-1), pa.int32())
+        columns[name] = pa.FixedSizeListArray.from_arrays(ints, width)
     return pa.Table.from_pydict(columns, schema=cache_schema(info))
 
 
@@ -223,6 +284,8 @@ class UnitRecord:
     bytes_written: int = 0
     long_captions: int = 0
     """Captions longer than the tokenizer's window (77 tokens), truncated when encoded."""
+    buckets: dict[str, int] = field(default_factory=dict)
+    """Rows written per aspect-ratio bucket ("HxW"); empty for a square cache."""
 
     @property
     def accounted(self) -> int:

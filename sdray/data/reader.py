@@ -6,7 +6,7 @@ Everything goes through pyarrow file systems, so a cache on s3:// is read the sa
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -38,10 +38,13 @@ class ExpectedCache:
 class LatentCache:
     """An opened cache: the lazily read rows, its metadata and the empty-caption embedding."""
 
-    dataset: object  # ray.data.Dataset of the tensor columns, each (prod(shape),) float16 per row
+    dataset: object  # ray.data.Dataset of the tensor columns, each (prod(shape),) float16 per row; None
+    # for a bucketed cache (rows of several shapes: workers read it with sdray.train.bucket_batcher)
     info: cache.CacheInfo
     empty_caption: np.ndarray  # (77, D) float16
     num_rows: int
+    bucket_counts: dict[str, int] = field(default_factory=dict)
+    """Rows per bucket ("HxW"), counted from the shards; empty for a square cache."""
 
 
 def check_compatible(info: cache.CacheInfo, expected: ExpectedCache, *, where: str) -> None:
@@ -109,6 +112,19 @@ def committed_shards(path: str, shards: list[str]) -> list[str]:
     return sorted(set(shards) - set(orphans))
 
 
+def cache_shards(path: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The file system and the committed parquet shards of the cache at ``path`` (sorted)."""
+    fs = storage.Location(path).fs
+    shards = [
+        f.path
+        for f in storage.list_files(path)
+        if f.base_name.endswith(".parquet") and not f.base_name.startswith(("_", "."))
+    ]
+    if not shards:
+        raise InputError(f"{path}: latent cache has no parquet shards (empty data set)")
+    return fs, sorted(committed_shards(path, shards))
+
+
 def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
     """Validate the cache at ``path`` against ``expected`` and open its tensor columns with Ray Data.
 
@@ -120,21 +136,21 @@ def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
     check_compatible(info, expected, where=path)
     empty = cache.read_empty_caption(path, info)
     columns = list(cache.tensor_columns(info))
-    fs = storage.Location(path).fs
-    shards = [
-        f.path
-        for f in storage.list_files(path)
-        if f.base_name.endswith(".parquet") and not f.base_name.startswith(("_", "."))
-    ]
-    if not shards:
-        raise InputError(f"{path}: latent cache has no parquet shards (empty data set)")
-    shards = committed_shards(path, shards)
+    fs, shards = cache_shards(path)
     num_rows = sum(_shard_rows(fs, shard) for shard in shards)  # parquet footers only: no Ray job
     if num_rows == 0:
         raise InputError(f"{path}: latent cache has 0 rows (empty data set)")
     from sdray.cluster import ensure_ray
 
     ensure_ray()  # only now: a wrong path or an incompatible cache costs no Ray start-up
+    if info.buckets:
+        from sdray.train.bucket_batcher import count_buckets
+
+        counts = count_buckets(fs, shards)
+        log.info("latent cache %s: %d rows in buckets %s", path, num_rows, counts)
+        return LatentCache(
+            dataset=None, info=info, empty_caption=empty, num_rows=num_rows, bucket_counts=counts
+        )
     dataset = ray.data.read_parquet(sorted(shards), filesystem=fs, columns=columns)
     log.info(
         "latent cache %s: %d rows, latents %s, text %s",

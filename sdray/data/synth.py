@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ POSITIONS: dict[str, tuple[float, float]] = {  # centre of each quadrant, as a f
 }
 SIZES: dict[str, float] = {"small": 0.12, "large": 0.2}  # half-extent of the shape, fraction of the side
 ATTRIBUTES = ("color", "shape", "position", "size", "background")
+_SIZE = re.compile(r"\d+x\d+")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -79,6 +81,9 @@ class SynthConfig:
     """(colour, shape, position) combinations never written, kept for compositional evaluation."""
     jitter: float = 0.05
     """Random shift of the centre, fraction of the side (keeps the shape inside its quadrant)."""
+    aspect_sizes: tuple[str, ...] = ()
+    """Image sizes `WxH` drawn per row (e.g. [64x64, 96x64, 64x96]) for aspect-ratio buckets; empty: every
+    image is resolution x resolution. Positions are quadrants of the whole image, so captions stay true."""
 
     def __post_init__(self) -> None:
         for name, chosen, known in [
@@ -97,6 +102,11 @@ class SynthConfig:
             raise ConfigError("num_images and rows_per_shard must be >= 1")
         if self.resolution < 16:
             raise ConfigError(f"resolution must be >= 16, got {self.resolution}")
+        for text in self.aspect_sizes:
+            if not _SIZE.fullmatch(text) or min(parse_size(text)) < 16:
+                raise ConfigError(
+                    f"aspect_sizes: expected WxH with both sides >= 16 (e.g. 96x64), got {text!r}"
+                )
         if not 0 <= self.held_out < len(self.combinations()):
             raise ConfigError(f"held_out must be in [0, {len(self.combinations())}), got {self.held_out}")
 
@@ -125,14 +135,26 @@ class Scene:
         return {name: getattr(self, name) for name in ATTRIBUTES}
 
 
-def render(scene: Scene, resolution: int, rng: random.Random, *, jitter: float = 0.05) -> Image.Image:
-    """Draw ``scene`` as an RGB image of side ``resolution``; ``rng`` drives the centre jitter."""
-    image = Image.new("RGB", (resolution, resolution), BACKGROUNDS[scene.background])
+def parse_size(text: str) -> tuple[int, int]:
+    """`"96x64"` -> (width 96, height 64)."""
+    width, height = text.split("x")
+    return int(width), int(height)
+
+
+def render(
+    scene: Scene, resolution: int | tuple[int, int], rng: random.Random, *, jitter: float = 0.05
+) -> Image.Image:
+    """Draw ``scene`` as an RGB image of side ``resolution`` (or (width, height)); ``rng`` drives the jitter.
+
+    The shape's size is a fraction of the shorter side, its centre a fraction of each side.
+    """
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+    image = Image.new("RGB", (width, height), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     fx, fy = POSITIONS[scene.position]
-    cx = (fx + rng.uniform(-jitter, jitter)) * resolution
-    cy = (fy + rng.uniform(-jitter, jitter)) * resolution
-    r = SIZES[scene.size] * resolution
+    cx = (fx + rng.uniform(-jitter, jitter)) * width
+    cy = (fy + rng.uniform(-jitter, jitter)) * height
+    r = SIZES[scene.size] * min(width, height)
     fill = COLORS[scene.color]
     if scene.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -186,7 +208,8 @@ def write_synth(cfg: SynthConfig, out_dir: str | Path, *, overwrite: bool = Fals
         shard = 0
         for index, scene, rng in tqdm(iter_scenes(cfg), total=cfg.num_images, desc="synth", unit="img"):
             row_id = f"synth-{cfg.seed}-{index:08d}"
-            data = encode_image(render(scene, cfg.resolution, rng, jitter=cfg.jitter), cfg.image_format)
+            size = parse_size(rng.choice(cfg.aspect_sizes)) if cfg.aspect_sizes else cfg.resolution
+            data = encode_image(render(scene, size, rng, jitter=cfg.jitter), cfg.image_format)
             rows.append(
                 {
                     "id": row_id,

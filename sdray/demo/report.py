@@ -11,6 +11,7 @@ from typing import Any
 
 from sdray.demo.results import DemoRun
 from sdray.evaluate import summary_lines
+from sdray.evaluate.attributes import EVALUATED
 from sdray.storage import atomic_dir
 
 METRICS_FILE = "metrics.json"
@@ -121,6 +122,26 @@ Machine: {metrics["machine"]["cpus"]} CPUs; load average (1/5/15 min) {load.get(
 `real` is the measurement's upper bound (real images vs their captions), `baseline` is
 {faith["baseline_kind"]}; `held_out` rows are colour/shape/position combinations that never occur in the
 training data.
+{_by_size(faith)}"""
+
+
+def _by_size(faith: dict[str, Any]) -> str:
+    """The bucketed demo's generated images scored per size (WxH); empty for the square demo."""
+    by_size = faith.get("generated_by_size")
+    if not by_size:
+        return ""
+    rows = "\n".join(
+        f"| {size} | {acc['all']['n']} | "
+        + " | ".join(f"{acc['all'][a]:.2f}" for a in (*EVALUATED, "all"))
+        + " |"
+        for size, acc in by_size.items()
+    )
+    return f"""
+### Per generated size (aspect-ratio buckets the model was trained on)
+
+| size (WxH) | n | color | shape | position | all |
+|---|---|---|---|---|---|
+{rows}
 """
 
 

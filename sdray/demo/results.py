@@ -54,6 +54,8 @@ class GenerateResult:
     images: list[Image.Image]
     prompts: list[tuple[str, Any]]
     """(prompt, target attributes) per image."""
+    sizes: list[str] = field(default_factory=list)
+    """WxH of each image (a bucketed model is sampled at every trained bucket)."""
 
 
 @dataclass

@@ -119,33 +119,48 @@ def stage_generate(run: DemoRun) -> None:
     sampler = Sampler(load_components(_model_at(run.cfg.model, model_dir)), source=model_dir)
     prompts = evaluation_prompts(run.cfg.synth, per_combination=opts.samples_per_prompt)
     prompts = prompts[: opts.max_images or None]  # held-out combinations come first
-    size = sampler.info.native_size
+    native = sampler.info.native_size
+    sizes = sampler.info.buckets or ((native, native),)  # a bucketed model: every prompt at every bucket
     requests = [
-        GenerationRequest(prompt, (opts.seed + i,), size, size, opts.sampler_steps, opts.guidance_scale,
-                          opts.scheduler)
+        GenerationRequest(
+            prompt, (opts.seed + i,), w, h, opts.sampler_steps, opts.guidance_scale, opts.scheduler
+        )
+        for h, w in sizes
         for i, (prompt, _) in enumerate(prompts)
-    ]  # fmt: skip
+    ]
     arrays = sampler.generate(requests, max_batch=opts.max_batch)
     images = [Image.fromarray((a[0] * 255).round().astype("uint8")) for a in arrays]
+    prompts = prompts * len(sizes)
     write_samples(run.out / "samples", images, [p for p, _ in prompts])
-    run.results.generate = GenerateResult(images=images, prompts=prompts)
+    labels = [f"{r.width}x{r.height}" for r in requests]
+    run.results.generate = GenerateResult(images=images, prompts=prompts, sizes=labels)
 
 
 def stage_evaluate(run: DemoRun) -> None:
     from sdray.evaluate import faithfulness
+    from sdray.evaluate.attributes import recover
+    from sdray.evaluate.faithfulness import score
     from sdray.evaluate.report import read_real, write_evaluation
 
     generated = _done(run.results.generate, "generate")
     images, prompts = generated.images, generated.prompts
     real_images, _, real_targets = read_real(run.out / "data", run.opts.num_real)
     targets = [t for _, t in prompts]
+    held_out = run.cfg.synth.held_out_combinations()
     metrics = faithfulness(
         images,
         targets,
-        held_out=run.cfg.synth.held_out_combinations(),
+        held_out=held_out,
         real=(real_images, real_targets),
         seed=run.opts.seed,
     )
+    sizes = generated.sizes
+    if len(set(sizes)) > 1:  # the bucketed demo: the generated images scored per size (WxH) as well
+        metrics["generated_by_size"] = {
+            size: score([recover(images[i]) for i in idx], [targets[i] for i in idx], held_out=held_out)
+            for size in sorted(set(sizes))
+            for idx in [[i for i, s in enumerate(sizes) if s == size]]
+        }
     write_evaluation(run.out / "eval", metrics, images, [p for p, _ in prompts], targets,
                      grid_images=run.opts.grid_images)  # fmt: skip
     run.results.faithfulness = metrics

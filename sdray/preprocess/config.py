@@ -8,6 +8,7 @@ from typing import Literal
 from sdray.errors import ConfigError
 
 CaptionStrategy = Literal["first", "random"]
+OverLimit = Literal["crop", "reject"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -50,6 +51,17 @@ class PreprocessConfig:
     """CPUs reserved per shard-writing task; 0 so writes (mostly I/O) never wait behind decode tasks."""
     rows_per_shard: int = 512
     """Rows per output parquet shard (at most; a shard never mixes input files)."""
+    buckets: bool = False
+    """Aspect-ratio buckets instead of the square centre crop: each image goes to the ladder size nearest its
+    aspect ratio (about resolution^2 pixels, sides multiples of bucket_step), resized to cover it, centre-cropped."""
+    bucket_step: int = 64
+    """Bucket sides are multiples of this many pixels; must be a multiple of the VAE x UNet downsampling (64 for
+    SD 1.5, 16 for the tiny preset)."""
+    bucket_max_aspect: float = 2.0
+    """Longest bucket side / shortest; bounds the ladder (kohya's default 1024/256 allows 4)."""
+    bucket_over_limit: OverLimit = "crop"
+    """An image more elongated than bucket_max_aspect: `crop` it into the most elongated bucket, or `reject` it
+    (reason `aspect_over_limit`)."""
 
     def __post_init__(self) -> None:
         if self.resolution % 8 or self.resolution <= 0:
@@ -77,6 +89,12 @@ class PreprocessConfig:
             raise ConfigError(f"encode_threads must be >= 0, got {self.encode_threads}")
         if self.encode_num_gpus < 0:
             raise ConfigError(f"encode_num_gpus must be >= 0, got {self.encode_num_gpus}")
+        if self.buckets and not (self.bucket_step % 8 == 0 and 0 < self.bucket_step <= self.resolution):
+            raise ConfigError(
+                f"bucket_step must be a positive multiple of 8 and <= resolution, got {self.bucket_step}"
+            )
+        if self.bucket_max_aspect < 1.0:
+            raise ConfigError(f"bucket_max_aspect must be >= 1, got {self.bucket_max_aspect}")
         columns = (self.image_column, self.caption_column, self.id_column)
         if not all(columns) or len(set(columns)) != len(columns):
             raise ConfigError(f"image/caption/id columns must be distinct and non-empty, got {columns}")

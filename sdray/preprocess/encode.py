@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from sdray.config import from_dict
-from sdray.data.cache import CacheInfo, tensor_columns
+from sdray.data.cache import CacheInfo
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
+from sdray.preprocess.bucketing import encode_by_bucket, stage_shapes
 from sdray.preprocess.images import normalise
 from sdray.preprocess.rejects import NONFINITE_OUTPUT
 
@@ -66,7 +67,7 @@ class Encoder:
         start = time.perf_counter()
         n = len(batch["id"])
         good = np.flatnonzero(batch["reason"] == "")
-        encoded = self.encode(batch["pixels"][good], batch["input_ids"][good]) if len(good) else {}
+        encoded = self._encode_good(batch, good) if len(good) else {}
         # object dtype: Ray may hand strings over as fixed-width "<U1", which would truncate a new reason.
         reasons, details = batch["reason"].astype(object), batch["detail"].astype(object)
         out = {k: v for k, v in batch.items() if k not in ("pixels", "input_ids")}
@@ -85,6 +86,11 @@ class Encoder:
         out["encode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
         return out
 
+    def _encode_good(self, batch: dict[str, np.ndarray], good: np.ndarray) -> dict[str, np.ndarray]:
+        if self.info.buckets:  # one encoder call per bucket: each call needs one image shape
+            return encode_by_bucket(self.encode, batch, good, self.info)
+        return self.encode(batch["pixels"][good], batch["input_ids"][good])
+
     def _zeros(self, n: int) -> dict[str, np.ndarray]:
-        shapes = tensor_columns(self.info)
+        shapes = stage_shapes(self.info)
         return {name: np.zeros((n, *shape), np.float16) for name, shape in shapes.items()}

@@ -54,15 +54,24 @@ def decode_pixels(image: Image.Image, resolution: int) -> np.ndarray:
     Raises:
         Rejected: truncated or corrupt pixel data.
     """
+    square = resize_center_crop(load_rgb(image, resolution), resolution)
+    return np.asarray(square, dtype=np.uint8).transpose(2, 0, 1).copy()  # (3, R, R)
+
+
+def load_rgb(image: Image.Image, draft_side: int) -> Image.Image:
+    """Decode the pixels (JPEGs at >= ``draft_side`` on both sides), apply EXIF orientation, convert to RGB.
+
+    Raises:
+        Rejected: truncated or corrupt pixel data.
+    """
     if image.format == "JPEG":
-        image.draft("RGB", (resolution, resolution))  # DCT-domain downscale: big JPEGs decode much faster
+        image.draft("RGB", (draft_side, draft_side))  # DCT-domain downscale: big JPEGs decode much faster
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
     except Exception as exc:  # noqa: BLE001 - untrusted bytes: Pillow's plugins raise many kinds
         raise Rejected(_decode_reason(exc), f"{type(exc).__name__}: {exc}") from None
-    square = resize_center_crop(to_rgb(image), resolution)
-    return np.asarray(square, dtype=np.uint8).transpose(2, 0, 1).copy()  # (3, R, R)
+    return to_rgb(image)
 
 
 def _decode_reason(exc: BaseException) -> str:

@@ -41,6 +41,7 @@ _MUST_MATCH = (
     "text_embeds_shape",
     "has_std",
     "vae_scaling_factor",
+    "buckets",
 )
 
 
@@ -137,8 +138,11 @@ class OutputDir(storage.Location):
 def totals(records: dict[str, UnitRecord]) -> dict[str, object]:
     """Rows in / written / rejected by reason over manifest records; in == written + rejected."""
     rejected: Counter[str] = Counter()
+    per_bucket: Counter[str] = Counter()
     for record in records.values():
         rejected.update(record.rejected)
+        per_bucket.update(record.buckets)
+    bucket_rows = {"buckets": dict(sorted(per_bucket.items()))} if per_bucket else {}
     return {
         "input_files": len(records),
         "rows_in": sum(r.rows for r in records.values()),
@@ -148,4 +152,5 @@ def totals(records: dict[str, UnitRecord]) -> dict[str, object]:
         "shards": sum(len(r.shards) for r in records.values()),
         "bytes_written": sum(r.bytes_written for r in records.values()),
         "long_captions": sum(r.long_captions for r in records.values()),
+        **bucket_rows,
     }

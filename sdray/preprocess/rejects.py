@@ -30,6 +30,8 @@ TOO_SMALL = "too_small"
 """Shorter side below `preprocess.min_image_side`."""
 TOO_LARGE = "too_large"
 """More pixels than `preprocess.max_image_pixels` (decompression-bomb guard); never decoded."""
+ASPECT_OVER_LIMIT = "aspect_over_limit"
+"""Aspect ratio beyond `preprocess.bucket_max_aspect` with `bucket_over_limit: reject`."""
 NONFINITE_OUTPUT = "nonfinite_output"
 """The VAE latent or text embedding holds NaN/inf (e.g. fp16 overflow)."""
 
@@ -46,6 +48,8 @@ REASONS = (
     TOO_LARGE,
     NONFINITE_OUTPUT,
 )
+BUCKET_REASONS = (ASPECT_OVER_LIMIT,)
+"""Reasons only `preprocess.buckets` can give."""
 
 
 class Rejected(Exception):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -23,11 +24,15 @@ import torch
 
 from sdray.cluster import ensure_ray
 from sdray.config import dump_yaml
-from sdray.data.cache import CONFIG_FILE, SUMMARY_FILE, CacheInfo, UnitRecord
+from sdray.data.buckets import bucket_ladder, size_multiple
+from sdray.data.cache import CONFIG_FILE, INFO_FILE, SUMMARY_FILE, CacheInfo, UnitRecord
 from sdray.errors import ConfigError, InputError
 from sdray.models.components import SDComponents, load_components
+from sdray.models.config import ModelConfig
 from sdray.models.fingerprint import encoder_fingerprint
 from sdray.pipeline_config import PipelineConfig
+from sdray.preprocess.bucketing import unet_down_blocks
+from sdray.preprocess.config import PreprocessConfig
 from sdray.preprocess.dataset import build_dataset
 from sdray.preprocess.inputs import InputFile, read_ids, resolve_inputs, row_counts
 from sdray.preprocess.manifest import OutputDir, totals
@@ -42,6 +47,7 @@ def cache_info(components: SDComponents, cfg: PipelineConfig) -> CacheInfo:
     if pre.resolution % down:
         raise ConfigError(f"preprocess.resolution {pre.resolution} is not a multiple of the VAE's {down}x")
     return CacheInfo(
+        buckets=model_ladder(components, pre, cfg.model),
         vae_scaling_factor=components.vae_scaling_factor,
         encoder_fingerprint=encoder_fingerprint(components),
         resolution=pre.resolution,
@@ -54,6 +60,23 @@ def cache_info(components: SDComponents, cfg: PipelineConfig) -> CacheInfo:
         has_std=pre.store_std,
         model_source=cfg.model.source,
     )
+
+
+def model_ladder(
+    components: SDComponents, pre: PreprocessConfig, model_cfg: ModelConfig
+) -> tuple[tuple[int, int], ...]:
+    """The bucket ladder (empty without `preprocess.buckets`); refuses a step the UNet cannot take."""
+    if not pre.buckets:
+        return ()
+    down_blocks = unet_down_blocks(model_cfg)
+    multiple = size_multiple(components.vae_downsample, down_blocks)
+    if pre.bucket_step % multiple:
+        raise ConfigError(
+            f"preprocess.bucket_step {pre.bucket_step} is not a multiple of {multiple} (VAE "
+            f"{components.vae_downsample}x times the UNet's {down_blocks - 1} downsamplings): every bucket must "
+            "map to whole UNet feature maps"
+        )
+    return bucket_ladder(pre.resolution, pre.bucket_step, pre.bucket_max_aspect)
 
 
 @torch.inference_mode()
@@ -104,6 +127,8 @@ class Ledger:
                     )
                 record.shards.append(e["name"])
             record.written += e["rows"]
+            if e["detail"]:  # a bucketed shard: detail is its bucket
+                record.buckets[e["detail"]] = record.buckets.get(e["detail"], 0) + e["rows"]
             record.bytes_written += e["bytes"]
             record.long_captions += e["long_captions"]
             self.stage_s.update({k: e[k] for k in ("decode_s", "encode_s", "write_s")})
@@ -211,6 +236,9 @@ def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     ledger = _process(cfg, out, fs, pending, info, rows) if pending else None
     wall = time.perf_counter() - start
     summary = {**totals(out.done()), "cache_existed": existed, "this_run": _run_stats(ledger, wall, load_s)}
+    if info.buckets:  # _cache.json lists the rows per bucket of the complete cache
+        counts = dataclasses.replace(info, bucket_counts=summary.get("buckets", {}))
+        out.write_bytes(INFO_FILE, counts.to_json().encode())
     out.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
     return summary
 

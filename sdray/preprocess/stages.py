@@ -2,7 +2,7 @@
 
 Batches between stages are dicts of numpy arrays with these columns (N rows):
     id, caption, unit, reason, detail   object (str); reason "" means the row is still good
-    pixels      uint8 (N, 3, R, R)      decode -> encode only
+    pixels      uint8 (N, 3, R, R)      decode -> encode only (bucketed: (N, 3*R*R), see preprocess.bucketing)
     input_ids   int64 (N, 77)           decode -> encode only
     latent      float16 (N, C, h, w)    encode -> write (zeros on rejected rows); latent_std likewise
     text_embeds float16 (N, 77, D)      encode -> write
@@ -21,8 +21,9 @@ import pyarrow as pa
 
 from sdray.data import cache
 from sdray.preprocess import rejects
+from sdray.preprocess.bucketing import bucket_tables, pixel_layout
 from sdray.preprocess.config import PreprocessConfig
-from sdray.preprocess.images import decode_pixels, open_checked, pick_caption
+from sdray.preprocess.images import open_checked, pick_caption
 from sdray.preprocess.inputs import unit_key
 from sdray.preprocess.manifest import OutputDir
 from sdray.preprocess.rejects import Rejected
@@ -77,11 +78,11 @@ def decode_batch(table: pa.Table, *, cfg: dict[str, Any], model_json: str) -> di
     """
     start = time.perf_counter()
     pre = PreprocessConfig(**cfg)
-    n, res = table.num_rows, pre.resolution
+    n = table.num_rows
     ids = [None if v is None else str(v) for v in table.column(pre.id_column).to_pylist()]
     raw_captions = table.column(pre.caption_column).to_pylist()
     images = _image_bytes(table.column(pre.image_column))
-    pixels = np.zeros((n, 3, res, res), np.uint8)
+    layout = pixel_layout(pre, n)  # square crop, or aspect-ratio buckets (sdray.preprocess.bucketing)
     captions, reasons, details = [""] * n, [""] * n, [""] * n
     for i in range(n):
         try:
@@ -89,7 +90,7 @@ def decode_batch(table: pa.Table, *, cfg: dict[str, Any], model_json: str) -> di
                 raise Rejected(rejects.MISSING_ID)
             captions[i] = pick_caption(raw_captions[i], pre.caption_strategy, ids[i])
             image = open_checked(images[i], min_side=pre.min_image_side, max_pixels=pre.max_image_pixels)
-            pixels[i] = decode_pixels(image, res)
+            layout.put(i, image)
         except Rejected as exc:
             reasons[i], details[i] = exc.reason, exc.detail
     tokenizer = _tokenizer(model_json)
@@ -113,17 +114,40 @@ def decode_batch(table: pa.Table, *, cfg: dict[str, Any], model_json: str) -> di
         "unit": np.array(table.column(UNIT).to_pylist(), dtype=object),
         "reason": np.array(reasons, dtype=object),
         "detail": np.array(details, dtype=object),
-        "pixels": pixels,
+        **layout.columns(),
         "input_ids": input_ids,
         "long_caption": long_caption,
         "decode_s": np.full(n, (time.perf_counter() - start) / max(n, 1)),
     }
 
 
-def _shard_name(unit: str, ids: list[str]) -> str:
-    """Named by the unit and the rows it holds, so a retried task overwrites instead of duplicating."""
+def _shard_name(unit: str, ids: list[str], bucket: str = "") -> str:
+    """Named by the unit (and bucket) and the rows it holds, so a retried task overwrites instead of duplicating."""
     digest = hashlib.sha1("\0".join(ids).encode()).hexdigest()[:16]
-    return f"{cache.SHARD_PREFIX}{unit_key(unit)}-{digest}.parquet"
+    return f"{cache.SHARD_PREFIX}{unit_key(unit)}-{bucket + '-' if bucket else ''}{digest}.parquet"
+
+
+def _write_good(
+    batch: dict[str, np.ndarray], good: list[int], unit: str, out: OutputDir, info: cache.CacheInfo
+) -> list[tuple[str, int, int, str]]:
+    """Write the good rows of one unit: one shard, or one per bucket. Returns (name, rows, bytes, bucket)."""
+    if info.buckets:
+        written = []
+        for bucket, table in bucket_tables(batch, good, info):
+            name = _shard_name(unit, table.column(cache.ID).to_pylist(), bucket)
+            written.append((name, table.num_rows, out.write_shard(name, table), bucket))
+        return written
+    ids = [batch["id"][i] for i in good]
+    table = cache.to_table(
+        info,
+        ids=ids,
+        latents=batch["latent"][good],
+        latent_std=batch["latent_std"][good] if info.has_std else None,
+        text_embeds=batch["text_embeds"][good],
+        captions=[batch["caption"][i] for i in good],
+    )
+    name = _shard_name(unit, ids)
+    return [(name, len(good), out.write_shard(name, table), "")]
 
 
 def write_shards(batch: dict[str, np.ndarray], *, out: OutputDir, info_json: str) -> pa.Table:
@@ -134,37 +158,22 @@ def write_shards(batch: dict[str, np.ndarray], *, out: OutputDir, info_json: str
         start = time.perf_counter()
         rows = np.flatnonzero(batch["unit"] == unit)
         good = [int(i) for i in rows if not batch["reason"][i]]
-        name, size = "", 0
-        if good:
-            ids = [batch["id"][i] for i in good]
-            table = cache.to_table(
-                info,
-                ids=ids,
-                latents=batch["latent"][good],
-                latent_std=batch["latent_std"][good] if info.has_std else None,
-                text_embeds=batch["text_embeds"][good],
-                captions=[batch["caption"][i] for i in good],
-            )
-            name = _shard_name(unit, ids)
-            size = out.write_shard(name, table)
+        shards = _write_good(batch, good, unit, out, info) if good else [("", 0, 0, "")]
         for i in rows:
             if batch["reason"][i]:
                 events.append(
                     _event(unit, "reject", batch["id"][i], 0, batch["reason"][i], batch["detail"][i])
                 )
-        events.append(
-            _event(
-                unit,
-                "shard",
-                name,
-                len(good),
-                bytes=size,
-                decode_s=float(batch["decode_s"][rows].sum()),
-                encode_s=float(batch["encode_s"][rows].sum()),
-                write_s=time.perf_counter() - start,
-                long_captions=int(batch["long_caption"][good].sum()) if good else 0,
+        timing = {
+            "decode_s": float(batch["decode_s"][rows].sum()),
+            "encode_s": float(batch["encode_s"][rows].sum()),
+            "write_s": time.perf_counter() - start,
+            "long_captions": int(batch["long_caption"][good].sum()) if good else 0,
+        }
+        for k, (name, count, size, bucket) in enumerate(shards):  # detail: the bucket ("HxW") or ""
+            events.append(
+                _event(unit, "shard", name, count, "", bucket, bytes=size, **(timing if k == 0 else {}))
             )
-        )
     return pa.Table.from_pylist(events, schema=EVENT_SCHEMA)
 
 

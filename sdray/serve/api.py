@@ -206,6 +206,7 @@ def _model_list(info: ModelInfo, cfg: ServeConfig) -> ModelList:
         size_multiple=info.size_multiple,
         max_tokens=info.max_tokens,
         schedulers=list(info.schedulers),
+        buckets=[f"{w}x{h}" for h, w in info.buckets],
         limits={"max_steps": cfg.max_steps, "max_side": cfg.max_side, "max_images": cfg.max_images},
     )
     return ModelList(data=[card])

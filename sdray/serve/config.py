@@ -8,6 +8,7 @@ from typing import Literal
 from sdray.errors import ConfigError
 
 Dtype = Literal["float32", "float16", "bfloat16"]
+OffBucket = Literal["refuse", "warn"]
 # The sampler's scheduler names (sdray.serve.sampler.SCHEDULERS maps each to a diffusers class).
 SCHEDULER_NAMES = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm")
 
@@ -64,6 +65,11 @@ class ServeConfig:
     """Classifier-free guidance scale when a request gives none (<= 1 disables guidance)."""
     default_scheduler: str = "euler"
     """Scheduler when a request gives none: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm."""
+    off_bucket: OffBucket = "refuse"
+    """A model trained on aspect buckets: `refuse` a size far from every trained bucket (the error lists them)
+    or `warn` and generate it anyway. Models without recorded buckets accept any size."""
+    bucket_tolerance: float = 0.25
+    """Near a trained bucket: aspect ratios within this in log space (0.25 ~ 28%) and areas within 2x."""
     api_key_env: str = "SDRAY_API_KEY"
     """Environment variable holding the bearer token; when it is set (non-empty) the API requires it."""
 
@@ -93,5 +99,7 @@ class ServeConfig:
             )
         if self.batch_wait_timeout_s < 0 or self.request_timeout_s <= 0:
             raise ConfigError("batch_wait_timeout_s must be >= 0 and request_timeout_s > 0")
+        if self.bucket_tolerance < 0:
+            raise ConfigError(f"bucket_tolerance must be >= 0, got {self.bucket_tolerance}")
         if (self.downscale_to_zero_delay_s or 0) < 0:
             raise ConfigError(f"downscale_to_zero_delay_s must be >= 0, got {self.downscale_to_zero_delay_s}")

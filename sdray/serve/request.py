@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sdray.serve.buckets import size_problem
 from sdray.serve.config import SCHEDULER_NAMES, ServeConfig
 
 MAX_GUIDANCE = 50.0
@@ -49,6 +50,8 @@ class ModelInfo:
     size_multiple: int
     max_tokens: int
     schedulers: tuple[str, ...] = field(default=SCHEDULER_NAMES)
+    buckets: tuple[tuple[int, int], ...] = ()
+    """(height, width) aspect buckets the model was trained on; empty when not recorded."""
 
 
 FAR_FROM_NATIVE = 2.0
@@ -90,6 +93,13 @@ def check_request(
             errors.append((name, f"must be in {info.size_multiple}..{cfg.max_side} pixels, got {side}"))
         elif side % info.size_multiple:
             errors.append((name, f"must be a multiple of {info.size_multiple}, got {side}"))
+    if not any(name in ("width", "height") for name, _ in errors):
+        refuse = cfg.off_bucket == "refuse"
+        problem = size_problem(
+            req.height, req.width, info.buckets, tolerance=cfg.bucket_tolerance, refuse=refuse
+        )
+        if problem:
+            errors.append(("size", problem))
     if not 0.0 <= req.guidance_scale <= MAX_GUIDANCE:
         errors.append(("guidance_scale", f"must be in 0..{MAX_GUIDANCE:g}, got {req.guidance_scale}"))
     if req.scheduler not in SCHEDULER_NAMES:

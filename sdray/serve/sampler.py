@@ -31,6 +31,7 @@ from PIL import Image
 
 from sdray.errors import InputError
 from sdray.models.components import SDComponents
+from sdray.serve.buckets import trained_buckets
 from sdray.serve.config import SCHEDULER_NAMES, ServeConfig
 from sdray.serve.request import GenerationRequest, ModelInfo, check_request
 from sdray.storage import write_bytes
@@ -101,6 +102,7 @@ class Sampler:
     def __init__(
         self, components: SDComponents, *, source: str = "", device: str = "cpu", dtype: str = "float32"
     ) -> None:
+        """``source``: the model directory (its recorded aspect buckets are read from there) or a label."""
         self.pipe = components.pipeline().to(device)
         if dtype != "float32":  # a GPU option (ServeConfig refuses it on CPU)
             self.pipe.to(dtype=_DTYPES[dtype])
@@ -114,6 +116,7 @@ class Sampler:
             size_multiple=vae_factor,
             max_tokens=int(self.tokenizer.model_max_length),
             schedulers=compatible_schedulers(self.pipe.scheduler.config),
+            buckets=trained_buckets(source),
         )
 
     def count_tokens(self, text: str) -> int:

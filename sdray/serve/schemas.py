@@ -189,6 +189,9 @@ class ModelCard(BaseModel):
     size_multiple: int = Field(description="Width and height must be multiples of this.")
     max_tokens: int = Field(description="Prompt token limit, start and end tokens included.")
     schedulers: list[str]
+    buckets: list[str] = Field(
+        default_factory=list, description="Trained aspect-ratio buckets as WxH (empty: not recorded)."
+    )
     limits: dict[str, int] = Field(description="max_steps, max_side, max_images of this deployment.")
 
 

@@ -24,9 +24,11 @@ import torch.distributed as dist
 
 from sdray import storage
 from sdray.data.cache import read_empty_caption
+from sdray.data.reader import cache_shards
 from sdray.models.components import load_components
 from sdray.tracking.steps import WorkerTracking
 from sdray.train import checkpoint, metrics
+from sdray.train.bucket_batcher import BucketStore, bucket_micro_batches
 from sdray.train.checkpoint import RunSpec
 from sdray.train.config import TrainConfig
 from sdray.train.loss import diffusion_loss, draw_noise, prepare_batch
@@ -191,8 +193,13 @@ def train_worker(config: dict) -> None:
     runner = _start(spec, rank, world, device)
     state = runner.state
 
-    # 3. Data: this worker's shard, streamed; rank 0 also renders validation grids.
-    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, state, rank)
+    # 3. Data: this worker's shard, streamed (a bucketed cache: the bucket batcher); rank 0 also validates.
+    if spec.info.buckets:
+        fs, shards = cache_shards(cfg.data)
+        store = BucketStore.load(fs, shards, spec.info)
+        batches = bucket_micro_batches(store, cfg, state, rank, world, device)
+    else:
+        batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, state, rank)
     validator = None
     if rank == 0 and cfg.validate_every >= 0:
         from sdray.train.validation import Validator

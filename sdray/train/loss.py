@@ -52,15 +52,15 @@ def prepare_batch(
 
     Args:
         raw: cache columns as read by Ray: ``latent`` (and ``latent_std``) (B, C*h*w) and ``text_embeds``
-            (B, 77*D), float16, on the training device.
+            (B, 77*D), float16, on the training device (the bucket batcher gives (B, C, h, w) and (B, 77, D)).
         info: the cache metadata (shapes, scaling factor, whether std is stored).
         empty_caption: (77, D) embedding of "" on the training device.
         cfg: loss options (posterior sampling, caption dropout).
         generator: drives the posterior sample and the dropout draw.
     """
-    latents = raw[cache.LATENT].reshape(-1, *info.latent_shape).float()  # (B, C, h, w), unscaled
+    latents = _as_latents(raw[cache.LATENT], info).float()  # (B, C, h, w), unscaled
     if cfg.sample_posterior and info.has_std:
-        std = raw[cache.LATENT_STD].reshape(-1, *info.latent_shape).float()
+        std = _as_latents(raw[cache.LATENT_STD], info).float()
         latents = latents + std * _randn(latents.shape, generator, latents.device)
     latents = latents * info.vae_scaling_factor  # the only place latents are scaled
     text = raw[cache.TEXT_EMBEDS].reshape(-1, *info.text_embeds_shape).float()  # (B, 77, D)
@@ -69,6 +69,11 @@ def prepare_batch(
         drop = (u < cfg.caption_dropout)[:, None, None]  # (B, 1, 1)
         text = torch.where(drop, empty_caption.float().to(text.device), text)
     return CachedBatch(latents=latents, text_embeds=text)
+
+
+def _as_latents(values: torch.Tensor, info: cache.CacheInfo) -> torch.Tensor:
+    """(B, C, h, w): as given by the bucket batcher (any bucket's shape), or reshaped from Ray's flat rows."""
+    return values if values.dim() == 4 else values.reshape(-1, *info.latent_shape)
 
 
 def _randn(

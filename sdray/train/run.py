@@ -22,6 +22,7 @@ from sdray.models.config import ModelConfig, saved_architecture
 from sdray.models.presets import PRESETS
 from sdray.tracking import run as tracking_run
 from sdray.tracking.config import TrackingConfig
+from sdray.train.bucket_batcher import SUMMARY_FILE, plan_summary
 from sdray.train.checkpoint import RunSpec
 from sdray.train.config import TrainConfig
 from sdray.train.loop import DIVERGED_FILE, train_worker
@@ -146,7 +147,7 @@ def _trainer(spec: RunSpec, dataset: Any, tracked: tracking_run.TrackingRun):
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
-        datasets={"train": dataset},
+        datasets={"train": dataset} if dataset is not None else {},  # bucketed: workers read the cache
         dataset_config=DataConfig(execution_options=ingest),
     )
 
@@ -164,6 +165,18 @@ def _raise_diverged(status_uri: str, result: Any) -> None:
         f"loss became {status['loss']} at step {status['step']}; training stopped ({kept}). "
         "Fix the cause (e.g. lower train.learning_rate, repair the cache) and rerun the command to resume."
     )
+
+
+def write_plan_summary(output: str, counts: dict[str, int], cfg: TrainConfig) -> None:
+    """`<output>/buckets.json`: what each epoch does with each bucket; warns about repeated buckets."""
+    summary = plan_summary(counts, cfg.batch_size, cfg.num_workers)
+    storage.write_bytes(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+    for name in summary["repeated"]:
+        info = summary["buckets"][name]
+        log.warning(
+            "bucket %s: %d rows, not a multiple of batch_size %d: %d row(s) repeated per epoch to fill its last "
+            "batch", name, info["rows"], cfg.batch_size, info["repeated_rows"],
+        )  # fmt: skip
 
 
 def run_training(
@@ -221,7 +234,9 @@ def _fit_and_export(spec: RunSpec, cache: Any, tracked: tracking_run.TrackingRun
     cfg, output = spec.train, spec.train.output
     diverged_uri = storage.join(output, DIVERGED_FILE)
     storage.remove(diverged_uri)  # left by an earlier attempt; this one resumes from its last good checkpoint
-    dataset = cache.dataset.materialize() if cfg.materialize else cache.dataset
+    if cache.info.buckets:
+        write_plan_summary(output, cache.bucket_counts, cfg)
+    dataset = cache.dataset.materialize() if cfg.materialize and cache.dataset is not None else cache.dataset
     result = _trainer(spec, dataset, tracked).fit()
     latest = result.checkpoint
     if storage.exists(diverged_uri):

@@ -1,0 +1,164 @@
+"""Aspect-ratio buckets against the square crop: pixels kept, cache size, training speed, demo faithfulness.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/buckets.py --parts pixels,cache      # cheap: ~2 min
+    PYTHONPATH=. .venv/bin/python benchmarks/buckets.py --parts train              # needs a quiet machine
+    PYTHONPATH=. .venv/bin/python benchmarks/buckets.py --parts demo --demo-square runs/demo
+        # runs `sdray demo --config demo_buckets` into runs/demo-buckets and compares with a square demo run
+
+Parts (results merge into benchmarks/results/buckets.json and buckets.md, one key per part):
+- pixels: share of each image's pixels that reaches the cache, buckets vs square crop, for the synth mix
+  (64x64, 96x64, 64x96 at 64 px, step 16) and a photo-like mix of aspect ratios at 512 px (SD 1.5's ladder);
+- cache: preprocess the same mixed synth set (tiny model) both ways: rows, bytes, bytes per row, rows per bucket;
+- train: tiny UNet, 1 worker, the same number of steps on each cache (same batch size: the bucket ladder keeps
+  every bucket at <= the square's area, so the pixel budget per batch is the same or lower): samples/s and
+  latent pixels/s from the run's metrics;
+- demo: the bucketed demo's caption faithfulness per generated size next to the square demo's.
+Timing parts are only meaningful on an idle machine: the machine's load average is recorded with every part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from sdray.data.buckets import bucket_ladder, cover_crop, nearest_bucket
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MIX = ("64x64", "96x64", "64x96")
+PHOTO_MIX = {"1:1": 0.2, "4:3": 0.25, "3:2": 0.2, "16:9": 0.15, "3:4": 0.1, "2:3": 0.05, "9:16": 0.05}
+
+
+def kept_shares(sizes: list[tuple[int, int]], resolution: int, step: int) -> dict:
+    """Mean share of source pixels kept, buckets vs square, for (height, width) images."""
+    ladder = bucket_ladder(resolution, step, 2.0)
+    square = [cover_crop(h, w, (resolution, resolution)).kept_share for h, w in sizes]
+    bucketed = [cover_crop(h, w, nearest_bucket(h, w, ladder)).kept_share for h, w in sizes]
+    return {"images": len(sizes), "square": round(statistics.mean(square), 4),
+            "buckets": round(statistics.mean(bucketed), 4), "worst_bucketed": round(min(bucketed), 4)}  # fmt: skip
+
+
+def part_pixels() -> dict:
+    synth = [(int(t.split("x")[1]), int(t.split("x")[0])) for t in MIX]
+    photo: list[tuple[int, int]] = []
+    for ratio, weight in PHOTO_MIX.items():
+        w, h = (int(v) for v in ratio.split(":"))
+        photo += [(h * 1000 // max(w, h), w * 1000 // max(w, h))] * round(weight * 100)
+    return {
+        "synth_mix_64px_step16": kept_shares(synth, 64, 16),
+        "photo_mix_512px_step64": kept_shares(photo, 512, 64),
+    }
+
+
+def _preprocess(data: Path, out: Path, buckets: bool) -> dict:
+    from sdray.pipeline_config import load_pipeline_config
+    from sdray.preprocess.run import run_preprocess
+
+    sets = [f"preprocess.input={data}", f"preprocess.output={out}", "preprocess.encode_batch_size=32"]
+    if buckets:
+        sets += ["preprocess.buckets=true", "preprocess.bucket_step=16"]
+    summary = run_preprocess(load_pipeline_config("tiny", sets))
+    size = sum(p.stat().st_size for p in out.glob("part-*.parquet"))
+    rows = summary["rows_written"]
+    return {"rows": rows, "shard_bytes": size, "bytes_per_row": round(size / rows),
+            "buckets": summary.get("buckets", {}), "wall_s": summary["this_run"]["wall_s"]}  # fmt: skip
+
+
+def part_cache(work: Path, images: int) -> dict:
+    from sdray.data.synth import SynthConfig, write_synth
+
+    data = write_synth(SynthConfig(num_images=images, resolution=64, aspect_sizes=MIX), work / "data")
+    return {
+        "square": _preprocess(data, work / "square", False),
+        "buckets": _preprocess(data, work / "buckets", True),
+    }
+
+
+def _train(cache: Path, out: Path, steps: int) -> dict:
+    from sdray.models.config import ModelConfig
+    from sdray.train.config import TrainConfig
+    from sdray.train.metrics import read_metrics
+    from sdray.train.run import run_training
+
+    cfg = TrainConfig(data=str(cache), output=str(out), batch_size=16, max_steps=steps, log_every=steps,
+                      checkpoint_every=steps, validate_every=-1, export=False, shuffle_buffer=0)  # fmt: skip
+    run_training(cfg, ModelConfig())
+    rows = read_metrics(str(out))[steps // 4 :]  # skip the warm-up steps
+    seconds = sum(r["step_time_s"] for r in rows)
+    # image pixels per step are not in the metrics: the cache's mean row area times the batch
+    info = json.loads((cache / "_cache.json").read_text())
+    counts = info.get("bucket_counts") or {f"{info['resolution']}x{info['resolution']}": 1}
+    area = sum(int(k.split("x")[0]) * int(k.split("x")[1]) * n for k, n in counts.items()) / sum(
+        counts.values()
+    )
+    pixels = area * 16 * len(rows)
+    wait = statistics.mean(r["data_wait_s"] for r in rows)
+    return {"steps_timed": len(rows), "samples_per_s": round(16 * len(rows) / seconds, 2),
+            "image_pixels_per_s": round(pixels / seconds), "data_wait_s_mean": round(wait, 5)}  # fmt: skip
+
+
+def part_train(work: Path, images: int, steps: int) -> dict:
+    caches = part_cache(work, images)
+    return {kind: _train(work / kind, work / f"train-{kind}", steps) for kind in caches} | {"caches": caches}
+
+
+def part_demo(square_run: str, out: str) -> dict:
+    from sdray.demo import DemoOptions, demo_config, run_demo
+
+    report = run_demo(DemoOptions(output=out, overwrite=True), demo_config("demo_buckets", [], quick=False))
+    buckets = json.loads((report / "metrics.json").read_text())["faithfulness"]
+    square = json.loads((Path(square_run) / "report" / "metrics.json").read_text())["faithfulness"]
+    by_size = buckets.get("generated_by_size")
+    return {"square": square["generated"], "buckets": buckets["generated"], "buckets_by_size": by_size}
+
+
+def write(results: dict) -> None:
+    path = RESULTS / "buckets.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update(results)
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    lines = ["# Aspect-ratio buckets vs square crop (`benchmarks/buckets.py`)", ""]
+    for part, value in merged.items():
+        lines += [f"## {part}", "", "```json", json.dumps(value, indent=2), "```", ""]
+    (RESULTS / "buckets.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--parts", default="pixels,cache", help="comma-separated: pixels,cache,train,demo")
+    parser.add_argument("--images", type=int, default=96, help="synth images for cache/train")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per cache (train)")
+    parser.add_argument(
+        "--demo-square", default="runs/demo", help="a finished square `sdray demo` run (demo)"
+    )
+    parser.add_argument("--demo-out", default="runs/demo-buckets", help="where the bucketed demo runs (demo)")
+    args = parser.parse_args()
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="sdray-buckets-") as tmp:
+        for part in args.parts.split(","):
+            load = [round(x, 2) for x in os.getloadavg()]
+            start = time.perf_counter()
+            if part == "pixels":
+                value = part_pixels()
+            elif part == "cache":
+                value = part_cache(Path(tmp) / "cache", args.images)
+            elif part == "train":
+                value = part_train(Path(tmp) / "train", args.images, args.steps)
+            elif part == "demo":
+                value = part_demo(args.demo_square, args.demo_out)
+            else:
+                raise SystemExit(f"unknown part {part!r}")
+            wall = round(time.perf_counter() - start, 1)
+            results[part] = {**value, "wall_s": wall, "load_avg_1_5_15_at_start": load}
+            print(part, json.dumps(results[part]))
+    write(results)
+
+
+if __name__ == "__main__":
+    main()
