@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 RUN_NAME = "train"
 CONFIG_FILE = "train_config.yaml"
 MODEL_DIR = "model"
+LORA_DIR = "lora"
 
 
 class TrainingDiverged(SdrayError):
@@ -44,7 +45,9 @@ class TrainResult:
     checkpoint: str | None
     """Path of the latest checkpoint inside the storage file system."""
     model: str | None
-    """The exported diffusers directory, if exported."""
+    """The exported diffusers model directory (full fine-tuning), if exported."""
+    lora: str | None
+    """The exported LoRA directory (`train.lora.enabled`), if exported."""
     metrics: dict[str, Any]
     """The metrics row of the last checkpointed step."""
 
@@ -74,6 +77,39 @@ def expected_cache(cfg: TrainConfig, model_cfg: ModelConfig) -> ExpectedCache:
         text_embed_dim=int(unet["cross_attention_dim"]),
         model_source=model_cfg.source,
     )
+
+
+def check_lora(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """Refuse LoRA target modules the UNet lacks, on a weightless (meta device) UNet; no-op without LoRA."""
+    if not cfg.lora.enabled:
+        return
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdray.train.lora import check_targets
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(_arch(model_cfg, "unet"))
+    check_targets(unet, cfg.lora.target_modules)
+
+
+def _check_same_kind(output: str, cfg: TrainConfig) -> None:
+    """A run directory resumes only as what it is: LoRA with the same adapter shape, or full fine-tuning."""
+    uri = storage.join(output, CONFIG_FILE)
+    if not storage.exists(uri):
+        return
+    try:
+        before = RunSpec.from_dict(yaml.safe_load(storage.read_bytes(uri))).train.lora
+    except (SdrayError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return  # unreadable: Ray Train's own checkpoint is the authority on resume
+    now = cfg.lora
+    shape = ("enabled", "rank", "target_modules")
+    changed = [f"train.lora.{k}" for k in shape if getattr(before, k) != getattr(now, k)]
+    if changed:
+        raise ConfigError(
+            f"{output} holds a run trained with other {', '.join(changed)} ({uri}); "
+            "resume it with the same settings or choose another train.output"
+        )
 
 
 def _trainer(spec: RunSpec, dataset: Any):
@@ -137,6 +173,8 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
         output=output,
         storage_path=storage.absolute(cfg.storage_path or storage.join(output, "ray")),
     )
+    check_lora(cfg, model_cfg)
+    _check_same_kind(output, cfg)
 
     ensure_ray()
 
@@ -162,18 +200,20 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
     if storage.exists(diverged_uri):
         _raise_diverged(diverged_uri, result)
 
-    # 4. Export the final weights as a diffusers model directory.
-    model_uri = None
+    # 4. Export the final weights: a diffusers model directory, or the LoRA adapter's directory.
+    exported = None
     if cfg.export and latest is not None:
         from sdray.train.export import export_checkpoint
 
+        target = storage.join(output, LORA_DIR if cfg.lora.enabled else MODEL_DIR)
         with storage.checkpoint_files(latest) as directory:
-            model_uri = export_checkpoint(directory, storage.join(output, MODEL_DIR), use_ema=cfg.export_ema)
+            exported = export_checkpoint(directory, target, use_ema=cfg.export_ema)
     step = int(result.metrics.get("step", 0)) if result.metrics else 0
     return TrainResult(
         output=output,
         step=step,
         checkpoint=latest.path if latest else None,
-        model=model_uri,
+        model=None if cfg.lora.enabled else exported,
+        lora=exported if cfg.lora.enabled else None,
         metrics=dict(result.metrics or {}),
     )
