@@ -113,6 +113,32 @@ def test_only_the_adapter_trains_and_the_state_holds_only_it():
         state.load_state_dict(full.state_dict(), origin="ckpt")
 
 
+def test_state_round_trip_restores_adapter_optimizer_and_ema(tmp_path):
+    cfg = TrainConfig(data="x", output="y", lora=LORA, ema_decay=0.5)
+    state = build_state(cfg, ModelConfig(), torch.device("cpu"), rank=0)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([10, 500])  # (B, 4, h, w)
+    text = torch.randn(2, 77, 32, generator=gen)  # (B, 77, D)
+    for _ in range(2):
+        state.unet(x, t, text).sample.pow(2).mean().backward()
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+        state.ema.step(state.params)
+    torch.save(state.state_dict(), tmp_path / "state.pt")
+
+    fresh = build_state(cfg, ModelConfig(), torch.device("cpu"), rank=0)
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert any(p.abs().sum() > 0 for n, p in fresh.unet.named_parameters() if "lora_B" in n)  # it trained
+    assert all(torch.equal(a, b) for a, b in zip(state.params, fresh.params, strict=True))
+    for a, b in zip(state.ema.shadow_params, fresh.ema.shadow_params, strict=True):
+        assert torch.equal(a, b)
+    saved, loaded = state.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert saved.keys() == loaded.keys() and len(saved) == len(state.params)
+    assert all(torch.equal(saved[k]["exp_avg_sq"], loaded[k]["exp_avg_sq"]) for k in saved)
+    with torch.no_grad():
+        assert torch.equal(state.unet(x, t, text).sample, fresh.unet(x, t, text).sample)
+
+
 def test_bad_lora_settings_are_named():
     with pytest.raises(ConfigError, match="rank must be >= 1, got 0"):
         LoraConfig(rank=0)
