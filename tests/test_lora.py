@@ -139,12 +139,14 @@ def test_state_round_trip_restores_adapter_optimizer_and_ema(tmp_path):
         assert torch.equal(state.unet(x, t, text).sample, fresh.unet(x, t, text).sample)
 
 
-def test_bad_lora_settings_are_named():
+def test_bad_lora_settings_are_named(tiny_model_dir):
     with pytest.raises(ConfigError, match="rank must be >= 1, got 0"):
         LoraConfig(rank=0)
     cfg = TrainConfig(lora=dataclasses.replace(LORA, target_modules=("to_q", "to_qq", "attn9")))
     with pytest.raises(ConfigError, match=r"'to_qq', 'attn9' match no Linear or Conv2d module.*to_out\.0"):
         check_lora(cfg, ModelConfig())
+    with pytest.raises(ConfigError, match="'to_qq', 'attn9' match no"):  # a pretrained base: its config.json
+        check_lora(cfg, ModelConfig(path=str(tiny_model_dir)))
     check_lora(
         TrainConfig(lora=dataclasses.replace(LORA, target_modules=("proj_in", "ff.net.2"))), ModelConfig()
     )
