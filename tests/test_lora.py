@@ -164,6 +164,37 @@ def test_cli_rank_zero_and_missing_target_exit_2(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_full_run_directory_does_not_resume_as_lora(tmp_path, capsys):
+    import yaml
+
+    from pipelines.train import main
+    from sdray.data.cache import CacheInfo
+    from sdray.train.checkpoint import RunSpec
+    from sdray.train.run import CONFIG_FILE
+
+    info = CacheInfo(
+        vae_scaling_factor=0.18215,
+        encoder_fingerprint="x",
+        resolution=64,
+        latent_shape=(4, 8, 8),
+        text_embeds_shape=(77, 32),
+    )
+    (tmp_path / "run").mkdir()
+    spec = RunSpec(train=TrainConfig(), model=ModelConfig(), info=info)
+    (tmp_path / "run" / CONFIG_FILE).write_text(yaml.safe_dump(spec.to_dict()))
+    args = [
+        "--data",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "train.lora.enabled=true",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'run'} holds a run trained with other train.lora.enabled")
+
+
 def test_export_loads_in_diffusers_like_sdray(tiny_model_dir, lora_dir):
     import json
 
