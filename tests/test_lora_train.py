@@ -15,7 +15,7 @@ from cache_fixtures import write_test_cache
 from sdray.models.config import ModelConfig
 from sdray.models.lora import INFO_FILE, WEIGHTS_FILE, LoraSpec
 from sdray.train import checkpoint as ckpt
-from sdray.train.config import LoraConfig, TrainConfig
+from sdray.train.config import LoraConfig, LossConfig, TrainConfig
 from sdray.train.metrics import read_metrics
 from sdray.train.run import run_training
 
@@ -35,8 +35,7 @@ def lora_run(ray_session, tiny_components, tmp_path_factory):
         batch_size=4,
         max_steps=FIRST,
         learning_rate=1e-2,
-        snr_gamma=5.0,
-        caption_dropout=0.1,
+        loss=LossConfig(snr_gamma=5.0, caption_dropout=0.1),
         checkpoint_every=3,
         log_every=3,
         shuffle_buffer=8,
