@@ -16,7 +16,7 @@ from sdray.models.config import ModelConfig
 from sdray.models.lora import KOHYA_FILE, WEIGHTS_FILE, LoraSpec
 from sdray.serve.request import GenerationRequest
 from sdray.serve.sampler import Sampler, make_scheduler
-from sdray.train.config import LoraConfig, TrainConfig
+from sdray.train.config import LoraConfig, LossConfig, TrainConfig
 from sdray.train.lora import add_adapter, save_lora_dir
 from sdray.train.run import check_lora
 from sdray.train.state import build_state
@@ -180,7 +180,9 @@ def test_a_full_run_directory_does_not_resume_as_lora(tmp_path, capsys):
         text_embeds_shape=(77, 32),
     )
     (tmp_path / "run").mkdir()
-    spec = RunSpec(train=TrainConfig(), model=ModelConfig(), info=info)
+    spec = RunSpec(
+        train=TrainConfig(loss=LossConfig(prediction_type="epsilon")), model=ModelConfig(), info=info
+    )
     (tmp_path / "run" / CONFIG_FILE).write_text(yaml.safe_dump(spec.to_dict()))
     args = [
         "--data",
