@@ -274,3 +274,41 @@ def test_generate_cli_lora(tiny_model_dir, lora_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading progress bars
     assert err == f"error: LoRA {tmp_path / 'empty'}: no {WEIGHTS_FILE} (found: nothing)"
     assert not (tmp_path / "y.png").exists()
+
+
+def test_sdray_export_of_a_lora_checkpoint_writes_the_ema_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    from pipelines.export import main
+    from sdray.data.cache import CacheInfo
+    from sdray.models.lora import INFO_FILE
+    from sdray.train import checkpoint as ckpt
+    from sdray.train.checkpoint import RunSpec
+
+    lora = dataclasses.replace(LORA, kohya=True)
+    cfg = TrainConfig(lora=lora, loss=LossConfig(prediction_type="epsilon"), ema_decay=0.5)
+    state = build_state(cfg, ModelConfig(), torch.device("cpu"), rank=0)
+    for _ in range(2):  # as after two steps (EMA warmup: the first one copies, the second averages)
+        with torch.no_grad():
+            for p in state.params:
+                p.add_(0.01)
+        state.ema.step(state.params)
+    info = CacheInfo(
+        vae_scaling_factor=0.18215,
+        encoder_fingerprint="x",
+        resolution=64,
+        latent_shape=(4, 8, 8),
+        text_embeds_shape=(77, 32),
+    )
+    (tmp_path / "ckpt").mkdir()
+    ckpt.write_checkpoint_dir(tmp_path / "ckpt", state, RunSpec(train=cfg, model=ModelConfig(), info=info), 0)
+
+    out = tmp_path / "adapter"
+    assert main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {WEIGHTS_FILE, KOHYA_FILE, INFO_FILE}
+    exported = load_file(out / WEIGHTS_FILE)
+    names = [n for n, p in state.unet.named_parameters() if p.requires_grad]  # the EMA's order
+    for name, shadow, raw in zip(names, state.ema.shadow_params, state.params, strict=True):
+        module, _, part = name.partition(".lora_")
+        key = f"unet.{module}.lora.{'down' if part.startswith('A') else 'up'}.weight"
+        assert torch.equal(exported[key], shadow) and not torch.equal(shadow, raw), name
