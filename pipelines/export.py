@@ -22,13 +22,18 @@ def main(argv: list[str] | None = None) -> int:
         prog="sdray export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint-step-* directory or URI")
-    parser.add_argument("--out", required=True, help="output model directory or URI (replaced if it exists)")
+    parser.add_argument(
+        "--out", required=True, help="output model directory or URI (an earlier export there is replaced)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it holds something else"
+    )
     parser.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     args = parser.parse_args(argv)
 
     def body() -> None:
-        out = export_from_uri(args.checkpoint, args.out, use_ema=not args.raw)
+        out = export_from_uri(args.checkpoint, args.out, use_ema=not args.raw, overwrite=args.overwrite)
         print(f"exported {args.checkpoint} to {out}")
 
     return run(body, verbose=args.verbose)

@@ -1,7 +1,7 @@
 """Serve the text-to-image sampler over HTTP with Ray Serve: OpenAI + AUTOMATIC1111 APIs and a web page.
 
 Laptop:   sdray serve                                  # tiny preset -> http://127.0.0.1:8000/ (web page)
-          sdray serve --model runs/exp1/model --port 8080
+          sdray serve --model runs/exp1/model --port 8080 --check   # check model folder and port only
           SDRAY_API_KEY=secret sdray serve             # clients then send `Authorization: Bearer secret`
 Cluster:  serve deploy pipelines/serve.yaml    # autoscaling, scale to zero: see docs/serve.md
           ray job submit --working-dir . -- sdray serve --model /shared/model --set serve.num_gpus=1
@@ -10,6 +10,7 @@ Settings: the `serve` section (docs/config.md); the HTTP API: docs/serve.md. Ctr
 
 from __future__ import annotations
 
+import os
 import sys
 
 from pipelines.common import flag_overrides, load_config, make_parser, run
@@ -30,18 +31,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
     parser.add_argument("--max-batch-size", dest="max_batch_size", type=int, help="images per UNet call")
     parser.add_argument("--num-gpus", dest="num_gpus", type=float, help="GPUs per model replica")
+    parser.add_argument(
+        "--check", action="store_true", help="check the config, model directory and port, then exit"
+    )
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from sdray.serve.app import serve_forever
+        from sdray.serve.app import check_inputs, serve_forever
 
         cfg = load_config(args, flag_overrides(args, FLAGS))
+        key = cfg.serve.api_key_env
+        auth = (
+            f"API key required (${key})" if os.environ.get(key) else f"no API key (set ${key} to require one)"
+        )
+        check_inputs(cfg.serve, cfg.model)
+        if args.check:
+            print(f"ok: would serve {cfg.model.source} on http://{cfg.serve.host}:{cfg.serve.port}/ ({auth})")
+            return
         print(f"starting Ray Serve with {cfg.model.source} ...", flush=True)
         serve_forever(
-            cfg.serve, cfg.model, ready=lambda url: print(f"serving {url} (Ctrl-C stops)", flush=True)
+            cfg.serve, cfg.model, ready=lambda url: print(f"serving {url} ({auth}; Ctrl-C stops)", flush=True)
         )
 
-    return run(body, verbose=args.verbose)
+    return run(body, verbose=args.verbose, interrupted="stopped: sdray serve shut down")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = load_config(args, flag_overrides(args, FLAGS))
-        result = run_training(cfg.train, cfg.model)
+        result = run_training(cfg.train, cfg.model, cfg.tracking)
+        if result.already_done:
+            print(
+                f"{result.output} is already at step {result.step} (asked for {cfg.train.max_steps}): "
+                "nothing trained, its train_config.yaml unchanged; a larger --steps continues it"
+            )
         loss = result.metrics.get("loss")
         print(
             f"trained to step {result.step} (loss {loss:.4f})" if loss is not None else f"step {result.step}"

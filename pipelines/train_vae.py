@@ -26,14 +26,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="run directory")
     parser.add_argument("--max-steps", type=int, dest="max_steps", help="optimizer steps")
     parser.add_argument("--model-dir", default="", help="also write a full model directory with this VAE")
+    parser.add_argument("--overwrite", action="store_true", help="let --model-dir replace any folder")
     args = parser.parse_args(argv)
 
     def body() -> None:
+        from sdray.storage import refuse_to_replace
         from sdray.vae.export import assemble_model_dir
         from sdray.vae.train import train_vae
 
         cfg = load_config(args, flag_overrides(args, FLAGS))
-        result = train_vae(cfg.vae_train, cfg.model)
+        if args.model_dir:  # checked before training, not after
+            refuse_to_replace(args.model_dir, marker="model_index.json", what="a model directory",
+                              overwrite=args.overwrite)  # fmt: skip
+        result = train_vae(cfg.vae_train, cfg.model, cfg.tracking)
         print(f"held-out PSNR {result.psnr:.2f} dB after {result.steps} steps ({result.train_seconds:.0f} s)")
         print(f"wrote {result.vae_dir} (scaling factor {result.scaling_factor:.4f})")
         if args.model_dir:

@@ -45,7 +45,15 @@ def ensure_ray() -> None:
     num_cpus = local_cpus(os.cpu_count() or 1) if local else None
     # No dashboard on a private Ray (start-up time and memory on small machines), hence no state API.
     runtime_env = {"worker_process_setup_hook": "sdray.cluster.quiet_ray_train_chatter"} if local else None
-    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+    from sdray.console import quiet_log
+
+    ray.init(
+        address=address,
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        log_to_driver=quiet_log() is None,  # a quiet command leaves worker logs in Ray's session folder
+    )
     if main and previous is not None:
         signal.signal(signal.SIGTERM, previous)
 

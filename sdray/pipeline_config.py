@@ -16,6 +16,7 @@ from sdray.errors import ConfigError
 from sdray.models.config import ARCHITECTURE_PARTS, ModelConfig, saved_architecture
 from sdray.preprocess.config import PreprocessConfig
 from sdray.serve.config import ServeConfig
+from sdray.tracking.config import TrackingConfig
 from sdray.train.config import TrainConfig
 from sdray.vae.config import VaeTrainConfig
 
@@ -37,6 +38,8 @@ class PipelineConfig:
     """`sdray train`: stage 2."""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """`sdray serve` / `sdray generate`: stage 3."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking of `sdray train` and `sdray train-vae` (MLflow, TensorBoard); see docs/train.md."""
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -51,17 +54,51 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a packaged config ({known})")
 
 
+class Override(str):
+    """A ``section.key=value`` override that knows the command-line flag it came from (for messages)."""
+
+    source: str
+
+    def __new__(cls, item: str, source: str) -> Override:
+        override = super().__new__(cls, item)
+        override.source = source
+        return override
+
+
 def load_pipeline_config(
     name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None
 ) -> PipelineConfig:
-    """Read a YAML config, apply ``section.key=value`` overrides, and validate every section."""
+    """Read a YAML config, apply ``section.key=value`` overrides, and validate every section.
+
+    An error is blamed on the first override (an :class:`Override` names its flag) that turns a valid
+    config into an invalid one, else on the file.
+    """
     path = resolve_config_path(name_or_path)
-    data = apply_overrides(load_yaml(path), overrides or [])
+    base = load_yaml(path)
+    overrides = overrides or []
     try:
-        _model_path_wins(data, overrides or [])
-        return from_dict(PipelineConfig, data, where="")
+        return _validated(base, overrides)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{_culprit(base, overrides) or path}: {exc}") from None
+
+
+def _validated(base: dict[str, Any], overrides: list[str]) -> PipelineConfig:
+    data = apply_overrides(base, overrides)
+    _model_path_wins(data, overrides)
+    return from_dict(PipelineConfig, data, where="")
+
+
+def _culprit(base: dict[str, Any], overrides: list[str]) -> str | None:
+    """The source of the first override whose addition makes the config invalid (None: the file's fault)."""
+    for count in range(len(overrides) + 1):
+        try:
+            _validated(base, overrides[:count])
+        except ConfigError:
+            if count == 0:
+                return None
+            item = overrides[count - 1]
+            return getattr(item, "source", None) or f"override {item.partition('=')[0]}"
+    return None
 
 
 def _model_path_wins(data: dict[str, Any], overrides: list[str]) -> None:

@@ -184,6 +184,27 @@ def remove(uri: str) -> None:
         fs.delete_file(path)
 
 
+def refuse_to_replace(uri: str, *, marker: str, what: str, overwrite: bool) -> None:
+    """Refuse to replace ``uri`` when it is a non-empty folder without ``marker`` (so not an earlier output of
+    the same kind: a data set, a training run, someone's notes), unless ``overwrite``.
+
+    Raises:
+        InputError: naming the folder and the flag that allows it.
+    """
+    if overwrite or not exists(uri) or exists(join(uri, marker)):
+        return
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise InputError(f"{uri} exists and is not a folder; pass --overwrite to replace it with {what}")
+    entries = fs.get_file_info(pafs.FileSelector(path))
+    if entries:
+        names = ", ".join(sorted(e.base_name for e in entries)[:5])
+        raise InputError(
+            f"{uri} is not empty ({names}{', ...' if len(entries) > 5 else ''}) and is not {what} "
+            f"(no {marker}); pass --overwrite to replace it, or choose another folder"
+        )
+
+
 def glob_match(path: str, pattern: str) -> bool:
     """Shell-style: ``*``, ``?``, ``[...]`` stay within one folder; ``**`` crosses folders."""
     if "**" in pattern:

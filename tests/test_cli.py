@@ -1,5 +1,6 @@
 """The `sdray` console script: as a user runs it (a real subprocess), and its subcommands in-process."""
 
+import os
 import subprocess
 import sys
 
@@ -53,3 +54,124 @@ def test_bad_config_key_is_one_line_and_exit_2(tmp_path):
 def test_missing_config_file_exits_2(tmp_path):
     result = sdray("data", "synth", "--out", str(tmp_path / "d"), "--config", str(tmp_path / "none.yaml"))
     assert result.returncode == 2 and "config file not found" in result.stderr
+
+
+def test_a_failing_command_shows_one_error_line_and_keeps_ray_in_a_log(
+    ray_session, tiny_components, tmp_path
+):
+    # Ray starts (here: joins the session's cluster) only after the cache checks passed; everything Ray says
+    # goes to the log file; the terminal gets where the log is, then one error line.
+    from cache_fixtures import write_test_cache
+
+    cache = write_test_cache(tmp_path / "cache", tiny_components, num_rows=8, rows_per_shard=8)
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    env["SDRAY_LOG_DIR"] = str(tmp_path / "logs")
+    args = ["train", "--data", str(cache), "--out", str(tmp_path / "run"), "--set", "train.batch_size=64"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if " sdray." not in line]  # sdray's own log lines
+    (log,) = (tmp_path / "logs").iterdir()
+    assert lines == [f"details: {log} (-v shows it on the terminal)", lines[-1]], result.stderr
+    assert lines[-1].startswith("error: ") and "8 rows, but one step needs" in lines[-1]
+    assert "Ray cluster" in log.read_text()  # Ray's own "Connecting to existing Ray cluster" line
+
+
+def test_a_typo_in_the_cache_path_fails_before_ray_starts(tmp_path):
+    env = {**os.environ, "SDRAY_LOG_DIR": str(tmp_path / "logs")}
+    env.pop("RAY_ADDRESS", None)
+    args = ["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not list((tmp_path / "logs").iterdir())  # Ray said nothing: it never started
+
+
+def test_train_refuses_an_output_inside_its_cache(tmp_path, capsys):
+    from pipelines.train import main
+
+    assert main(["--data", str(tmp_path / "cache"), "--out", str(tmp_path / "cache" / "run")]) == 2
+    assert "overlap: run files would land in the latent cache" in capsys.readouterr().err
+
+
+def test_config_errors_name_the_flag_a_value_came_from(tmp_path, capsys):
+    from pipelines.data import main as data
+
+    out = ["synth", "--out", str(tmp_path / "d")]
+    assert data([*out, "--set", "synth.num_imgs=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --set synth.num_imgs: unknown key 'synth.num_imgs'") and ".yaml" not in err
+    assert data([*out, "--num-images", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --num-images: synth: num_images")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("synth: {num_imgs: 3}\n")
+    assert (
+        data([*out, "--config", str(bad), "--set", "synth.seed=1"]) == 2
+    )  # the file's fault, not the flag's
+    assert capsys.readouterr().err.startswith(f"error: {bad}: unknown key 'synth.num_imgs'")
+
+
+def test_serve_checks_the_model_folder_and_the_port_before_starting_anything(tmp_path, capsys):
+    import socket
+
+    from pipelines.serve import main as serve
+
+    assert serve(["--model", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == f"error: model.path {tmp_path / 'nope'}: does not exist\n"
+    (tmp_path / "half" / "unet").mkdir(parents=True)
+    assert serve(["--model", str(tmp_path / "half")]) == 2
+    assert "not a diffusers model directory (no tokenizer/, text_encoder/, vae/, scheduler/)" in (
+        capsys.readouterr().err
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert serve(["--port", str(port)]) == 2
+        assert f"error: serve.port {port} on 127.0.0.1: cannot listen" in capsys.readouterr().err
+    assert serve(["--port", str(port), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert f"ok: would serve preset:tiny (random init, seed 0) on http://127.0.0.1:{port}/ (no API key" in out
+
+
+def test_a_failed_replica_becomes_its_own_error_line():
+    from sdray.serve.app import _replica_error
+
+    report = (
+        "Deploying application sdray failed: Failed to update the deployments ['SDModel'].\n"
+        "ray::ServeReplica:sdray:SDModel.initialize_and_get_metadata() (pid=1, ip=127.0.0.1)\n"
+        'Traceback (most recent call last):\n  File "x.py", line 3, in f\n    raise InputError(msg)\n'
+        "sdray.errors.InputError: model.path /m: cannot load unet/: bad header\n"
+    )
+    assert _replica_error(RuntimeError(report)) == "model.path /m: cannot load unet/: bad header"
+
+
+def test_serve_stopped_by_a_signal_says_stopped_not_resume(capsys):
+    from pipelines.common import run
+
+    def body():
+        raise KeyboardInterrupt
+
+    assert run(body, interrupted="stopped: sdray serve shut down") == 130
+    err = capsys.readouterr().err
+    assert "stopped: sdray serve shut down" in err and "resume" not in err
+
+
+def test_serve_start_drops_serves_options_not_applied_note():
+    # serve.run() re-checks the instance `start` configured a moment earlier and logs that new options
+    # "will not be applied" although they were: the filter on Serve's logger drops that one line only.
+    import logging
+
+    from sdray.serve.app import _AlreadyAppliedFilter
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("ray.serve", logging.INFO, __file__, 1, message, None, None)
+
+    note = (
+        'Connecting to existing Serve app in namespace "serve". '
+        "New http_options/controller_options will not be applied."
+    )
+    assert not _AlreadyAppliedFilter().filter(record(note))
+    assert _AlreadyAppliedFilter().filter(record("Deployed app 'sdray' successfully."))

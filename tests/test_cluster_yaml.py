@@ -60,3 +60,12 @@ def test_private_ray_keeps_small_machines_workable_without_doubling_big_ones(cor
     from sdray.cluster import local_cpus
 
     assert local_cpus(cores) == advertised
+
+
+def test_every_node_gets_the_laptops_token_and_starts_ray_with_token_auth():
+    """`ray job submit` from the laptop (RAY_AUTH_MODE=token, ~/.ray/auth_token) must match every node's token."""
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[key] if "ray start" in c]
+        assert "RAY_AUTH_MODE=token " in start.split("ray start")[0], (key, start)

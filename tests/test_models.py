@@ -91,8 +91,10 @@ def test_loaded_directory_works_in_diffusers_pipeline(tiny_model_dir):
 
 
 def test_missing_directory_names_the_folder(tmp_path):
-    with pytest.raises(InputError, match="no unet/ folder"):
+    with pytest.raises(InputError, match=r"not a diffusers model directory \(no unet/\)"):
         load_components(ModelConfig(path=str(tmp_path)), parts=["unet"])
+    with pytest.raises(InputError, match=f"model.path {tmp_path / 'nope'}: does not exist"):
+        load_components(ModelConfig(path=str(tmp_path / "nope")), parts=["unet"])
 
 
 def test_fingerprint_stable_across_save_and_load(tiny_components, tiny_model_dir):

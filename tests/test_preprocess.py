@@ -216,6 +216,7 @@ def test_bad_rows_are_rejected_with_reasons_and_counted(ray_session, poisoned_mo
 def test_missing_column_names_column_and_file(synth_dir, tmp_path, capsys):
     with pytest.raises(InputError, match=r"part-00000.parquet: no caption column 'text'"):
         run_preprocess(config(synth_dir, tmp_path / "out", "preprocess.caption_column=text"))
+    assert not (tmp_path / "out").exists()  # checked before anything is written: no skeleton cache
     from pipelines.preprocess import main
 
     code = main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o2")])

@@ -47,7 +47,7 @@ def test_changed_model_on_s3_is_downloaded_again(s3_env, tiny_model_dir):
 
 def test_missing_model_on_s3_is_named_by_its_uri(s3_env):
     s3, _ = s3_env
-    with pytest.raises(InputError, match=f"model.path s3://{s3.bucket}/nothing/here: no unet/ folder"):
+    with pytest.raises(InputError, match=f"model.path s3://{s3.bucket}/nothing/here: does not exist"):
         load_components(ModelConfig(path=f"s3://{s3.bucket}/nothing/here"), ("unet",))
 
 

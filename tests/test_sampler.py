@@ -158,3 +158,45 @@ def test_unknown_scheduler_is_input_error(loaded):
         type(make_scheduler("dpmpp_2m", components.scheduler.config)).__name__
         == "DPMSolverMultistepScheduler"
     )
+
+
+def test_initial_noise_is_drawn_on_the_cpu_in_float32(monkeypatch):
+    # A seed must give the same noise whatever the model's device and dtype: diffusers' reproducibility
+    # advice is to draw on the CPU (a CUDA generator draws another sequence). No GPU here, so the test
+    # watches the draw itself, on a bfloat16 sampler standing in for a GPU one.
+    sampler = Sampler(load_components(ModelConfig()), dtype="bfloat16")
+    scheduler = make_scheduler("euler", sampler.pipe.scheduler.config)
+    draws, randn = [], torch.randn
+
+    def spy(*args, **kwargs):
+        out = randn(*args, **kwargs)
+        draws.append((out.device.type, out.dtype, kwargs["generator"].device.type))
+        return out
+
+    monkeypatch.setattr(torch, "randn", spy)
+    got = sampler._initial_latents(BASE, torch.Generator("cpu").manual_seed(3), scheduler)
+    monkeypatch.undo()
+    assert draws == [("cpu", torch.float32, "cpu")]
+    drawn = torch.randn((1, 4, 4, 4), generator=torch.Generator("cpu").manual_seed(3))
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, drawn.to(torch.bfloat16) * scheduler.init_noise_sigma)
+
+
+def test_scheduler_that_cannot_keep_the_model_schedule_is_refused(loaded):
+    from diffusers import DDPMScheduler
+
+    from sdray.serve.sampler import compatible_schedulers
+
+    zero_snr = DDPMScheduler(
+        rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
+    ).config
+    assert compatible_schedulers(zero_snr) == ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+    assert "pndm" in compatible_schedulers(loaded[0].scheduler.config)  # the tiny model's plain schedule
+    with pytest.raises(
+        InputError, match="'pndm' cannot keep this model's rescale_betas_zero_snr; use one of"
+    ):
+        make_scheduler("pndm", zero_snr)
+    info = replace(loaded[1].info, schedulers=compatible_schedulers(zero_snr))
+    errors = check_request(replace(BASE, scheduler="pndm"), info, ServeConfig(), lambda text: 3)
+    assert [name for name, _ in errors] == ["scheduler"]
+    assert "cannot keep this model's noise schedule" in errors[0][1] and "dpmpp_2m_karras" in errors[0][1]

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import time
+import urllib.error
+import urllib.request
 
 import httpx
 import numpy as np
@@ -162,7 +165,7 @@ BAD_REQUESTS = [
     ("/v1/images/generations", {"prompt": "a", "n": 5}, 422, "n", "must be in 1..4, got 5"),
     ("/v1/images/generations", {"prompt": "a", "n": 0}, 422, "n", "greater than or equal to 1"),
     ("/v1/images/generations", {"prompt": "a", "size": "65x64"}, 422, "size", "multiple of 8"),
-    ("/v1/images/generations", {"prompt": "a", "size": "512x512"}, 422, "size", "8..256, got 512"),
+    ("/v1/images/generations", {"prompt": "a", "size": "512x512"}, 422, "size", "8..256 pixels, got 512"),
     ("/v1/images/generations", {"prompt": "a", "size": "big"}, 422, "size", "should match pattern"),
     (
         "/v1/images/generations",
@@ -225,3 +228,83 @@ def test_request_over_its_timeout_gets_408_and_the_app_keeps_serving(client):
     assert r.status_code == 408, r.text
     assert "timed out after 0.05s" in r.text
     assert client.post("/v1/images/generations", json={"prompt": "a", "size": "32x32"}).status_code == 200
+
+
+def _serve_metrics() -> dict[tuple[str, str], float]:
+    """{(sample name, reason or adapter tag): value summed over replicas} from this node's Prometheus port."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sdray.serve.metrics import metrics_url
+
+    text = httpx.get(metrics_url(), timeout=30).text
+    totals: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_sdray_"):
+                key = (sample.name, sample.labels.get("reason") or sample.labels.get("adapter", ""))
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def test_serve_metrics_reach_the_prometheus_endpoint(client, url):
+    for seed in (1, 2):
+        body = {"prompt": "a red circle", "n": 2, "size": "32x32", "seed": seed, "steps": 2}
+        assert client.post("/v1/images/generations", json=body).status_code == 200
+    assert client.post("/v1/images/generations", json={"prompt": ""}).status_code == 422
+    assert httpx.post(url + "/v1/images/generations", json={"prompt": "x"}).status_code == 401
+    wanted = {
+        ("ray_sdray_images_generated_total", "base"): 4,
+        ("ray_sdray_requests_total", "base"): 2,
+        ("ray_sdray_requests_rejected_total", "invalid"): 1,
+        ("ray_sdray_requests_rejected_total", "unauthorized"): 1,
+        ("ray_sdray_batch_size_count", ""): 1,
+        ("ray_sdray_queue_wait_seconds_count", ""): 2,
+        ("ray_sdray_sampler_step_seconds_count", ""): 1,
+    }
+    deadline = time.monotonic() + 90  # Ray exports custom metrics every few seconds
+    while True:
+        seen = _serve_metrics()
+        missing = {k: (seen.get(k), v) for k, v in wanted.items() if seen.get(k, 0) < v}
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not missing, f"(metric, tag): (seen, wanted at least): {missing}"
+    # sampler seconds per denoising step: positive and far below a request's whole time
+    per_step = (
+        seen[("ray_sdray_sampler_step_seconds_sum", "")] / seen[("ray_sdray_sampler_step_seconds_count", "")]
+    )
+    assert 0 < per_step < 60
+
+
+def test_oversized_body_gets_a_readable_413_with_urllib(url):
+    # urllib sends the whole body before reading: the server must read it too, or the client sees a reset.
+    body = json.dumps({"prompt": "a", "pad": "x" * 20_000_000}).encode()
+    request = urllib.request.Request(
+        url + "/v1/images/generations", data=body, headers={**AUTH, "Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=120)
+    assert refused.value.code == 413 and "16384 bytes" in json.loads(refused.value.read())["detail"]
+
+
+def test_bad_request_in_a_batch_fails_alone_and_short_buckets_finish_first(client):
+    from ray import serve
+
+    from sdray.errors import InputError
+    from sdray.serve.request import GenerationRequest
+
+    def req(steps: int, scheduler: str = "euler", seed: int = 1) -> GenerationRequest:
+        return GenerationRequest("a cat", (seed,), 32, 32, steps, 1.0, scheduler)
+
+    handle = serve.get_deployment_handle("SDModel", app_name="sdray")
+    before = _model_stats()
+    # Past the ingress's checks (the handle is called directly): a scheduler the sampler refuses.
+    calls = [handle.generate.remote(r) for r in (req(30), req(2, seed=2), req(2, "nope"), req(30, seed=3))]
+    long, short, bad, long2 = calls
+    assert len(long.result().pngs) == 1 and len(long2.result().pngs) == 1
+    with pytest.raises(InputError, match="unknown 'nope'"):
+        bad.result()
+    after = _model_stats()
+    assert after["failures"] == 0  # a batch with good answers does not count toward replacing the replica
+    if after["batches"] - before["batches"] == 1:  # all four shared one batch: the 2-step bucket went first
+        assert short.result().model_ms < long.result().model_ms / 2

@@ -77,3 +77,12 @@ def test_body_limits_apply_before_parsing(client, backend):
     chunked = client.post("/sd/v1/images/generations", content=iter([b'{"prompt": "a"}']), headers=auth)
     assert chunked.status_code == 411 and "Content-Length" in chunked.json()["detail"]
     assert backend.generated == 0
+
+
+def test_size_errors_are_said_once_and_name_the_real_problem(client):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    square = client.post("/sd/v1/images/generations", json={"prompt": "a", "size": "60x60"}, headers=auth)
+    assert square.status_code == 422
+    assert [d["msg"] for d in square.json()["detail"]] == ["size must be a multiple of 8, got 60"]
+    big = client.post("/sd/v1/images/generations", json={"prompt": "a", "size": "2048x2048"}, headers=auth)
+    assert [d["msg"] for d in big.json()["detail"]] == ["size must be in 8..1024 pixels, got 2048"]

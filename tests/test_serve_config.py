@@ -120,3 +120,18 @@ def test_generate_bad_input_exits_2_naming_the_field(tmp_path, one_thread, capsy
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.startswith("error:")
     assert not list(tmp_path.iterdir())
+
+
+def test_generate_shows_step_progress_and_warns_far_from_native_size(tmp_path, one_thread, capsys):
+    rc = generate.main(
+        ["--prompt", "a", "--size", "256x64", "--steps", "2", "--out", str(tmp_path / "x.png")]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "note: 256x64 is 4x the model's native 64 px per side (4x the pixels per step)" in out
+    assert "sampling: 100%" in out and "2/2" in out
+
+
+def test_generate_names_a_missing_model_directory(tmp_path, capsys):
+    assert generate.main(["--model", str(tmp_path / "nope"), "--prompt", "a", "--out", "x.png"]) == 2
+    assert f"error: model.path {tmp_path / 'nope'}: does not exist" in capsys.readouterr().err

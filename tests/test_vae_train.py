@@ -9,10 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from tracking_fixtures import tensorboard_steps
 
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
 from sdray.pipeline_config import load_pipeline_config
+from sdray.tracking.config import TrackingConfig
 from sdray.vae.config import VaeTrainConfig
 from sdray.vae.data import decode_image, in_holdout, to_model_input
 from sdray.vae.export import assemble_model_dir
@@ -37,7 +39,7 @@ def test_train_vae_two_workers_exports_loadable_vae(ray_session, synth_dir, tmp_
     cfg = VaeTrainConfig(data=str(synth_dir), output=str(tmp_path / "run"), num_workers=2, batch_size=4,
                          max_steps=6, report_every=3, holdout_fraction=0.1, foreground_weight=10.0,
                          learning_rate=2e-3, lr_warmup_steps=2, scaling_images=32)  # fmt: skip
-    result = train_vae(cfg, model_cfg)
+    result = train_vae(cfg, model_cfg, TrackingConfig(mlflow=True, tensorboard=True))
 
     # 1. metrics: one report every 3 steps, PSNR reported and consistent everywhere
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -63,6 +65,20 @@ def test_train_vae_two_workers_exports_loadable_vae(ray_session, synth_dir, tmp_
     assert torch.equal(loaded.vae.encoder.conv_in.weight, vae.encoder.conv_in.weight)
     assert (tmp_path / "run" / "config.yaml").is_file()
 
+    # 5. tracked in the run directory's own MLflow store and TensorBoard events, at the reported steps
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    run_id = json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["vae_train.max_steps"] == "6"
+    assert run.data.tags["sdray.stage"] == "train-vae"
+    psnr_history = sorted(client.get_metric_history(run_id, "psnr"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in psnr_history] == [(h["step"], h["psnr"]) for h in metrics["history"]]
+    assert "model/config.json" in {a.path for a in client.list_artifacts(run_id, "model")}
+    assert (tmp_path / "run" / "mlartifacts").is_dir()  # artifacts stay inside the run directory
+    assert tensorboard_steps(tmp_path / "run" / "tensorboard")["vae/psnr"] == [3, 6]
+
 
 def test_cli_missing_data_exits_2(tmp_path, capsys):
     from pipelines.train_vae import main
@@ -70,3 +86,21 @@ def test_cli_missing_data_exits_2(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]) == 2
     assert f"error: vae_train.data {tmp_path / 'nope'}: no such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_model_dir_that_holds_something_else_is_refused_before_training(tmp_path, capsys):
+    from pipelines.train_vae import main
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data.parquet").write_bytes(b"x")
+    args = [
+        "--data",
+        str(tmp_path / "nope"),
+        "--out",
+        str(tmp_path / "run"),
+        "--model-dir",
+        str(tmp_path / "mine"),
+    ]
+    assert main(args) == 2
+    assert "mine is not empty (data.parquet) and is not a model directory" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "data.parquet").exists()

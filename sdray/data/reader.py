@@ -132,6 +132,9 @@ def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
     num_rows = sum(_shard_rows(fs, shard) for shard in shards)  # parquet footers only: no Ray job
     if num_rows == 0:
         raise InputError(f"{path}: latent cache has 0 rows (empty data set)")
+    from sdray.cluster import ensure_ray
+
+    ensure_ray()  # only now: a wrong path or an incompatible cache costs no Ray start-up
     dataset = ray.data.read_parquet(sorted(shards), filesystem=fs, columns=columns)
     log.info(
         "latent cache %s: %d rows, latents %s, text %s",

@@ -67,7 +67,7 @@ def stage_vae(run: DemoRun) -> None:
     from sdray.vae.train import train_vae
 
     vae_cfg = dataclasses.replace(run.cfg.vae_train, data=str(run.out / "data"), output=str(run.out / "vae"))
-    result = train_vae(vae_cfg, run.cfg.model)
+    result = train_vae(vae_cfg, run.cfg.model, run.cfg.tracking)
     assemble_model_dir(result.vae_dir, run.cfg.model, run.out / "model")
     run.results.vae = VaeResult(
         psnr_db=result.psnr,
@@ -93,7 +93,7 @@ def stage_train(run: DemoRun) -> None:
     from sdray.train.run import run_training
 
     train_cfg = dataclasses.replace(run.cfg.train, data=str(run.out / "cache"), output=str(run.out / "train"))
-    result = run_training(train_cfg, _model_at(run.cfg.model, run.out / "model"))
+    result = run_training(train_cfg, _model_at(run.cfg.model, run.out / "model"), run.cfg.tracking)
     if result.model is None:
         raise ConfigError("UNet training exported no model: the demo needs train.export: true")
     history = read_metrics(result.output)

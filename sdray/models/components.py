@@ -81,12 +81,32 @@ def load_components(cfg: ModelConfig, parts: Iterable[str] = COMPONENT_NAMES) ->
     unknown = set(parts) - set(COMPONENT_NAMES)
     if unknown:
         raise ConfigError(f"unknown model component(s) {sorted(unknown)}; known: {COMPONENT_NAMES}")
+    check_model_path(cfg, parts)
     loader = _load_part if cfg.path else _build_part
     components = SDComponents(**{name: loader(cfg, name) for name in parts})
     for module in (components.text_encoder, components.vae, components.unet):
         if module is not None:
             module.eval()
     return components
+
+
+def check_model_path(cfg: ModelConfig, parts: Iterable[str] = COMPONENT_NAMES) -> None:
+    """Fail fast on a ``model.path`` that is missing or not a diffusers directory (before Ray starts anything).
+
+    Looks only at folder names, so it costs a few stat calls (one listing per part on object storage).
+    """
+    if not cfg.path:
+        return
+    from sdray.storage import exists, join
+
+    if not exists(cfg.path):
+        raise InputError(f"model.path {cfg.path}: does not exist")
+    missing = [f"{name}/" for name in parts if not exists(join(cfg.path, name))]
+    if missing:
+        raise InputError(
+            f"model.path {cfg.path}: not a diffusers model directory (no {', '.join(missing)}); "
+            "give the model/ folder of a training run or an export"
+        )
 
 
 def save_components(components: SDComponents, out_dir: str | Path) -> Path:

@@ -31,6 +31,7 @@ from sdray.pipeline_config import PipelineConfig
 from sdray.preprocess.dataset import build_dataset
 from sdray.preprocess.inputs import InputFile, read_ids, resolve_inputs, row_counts
 from sdray.preprocess.manifest import OutputDir, totals
+from sdray.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Ledger:
         self.rejects: dict[str, list[dict[str, str]]] = defaultdict(list)
         self.stage_s: Counter[str] = Counter()
         self.committed: list[UnitRecord] = []
+        self.rows_done = self.rows_rejected = 0  # this run's progress
         for path in [p for p, r in self.records.items() if r.rows == 0]:
             self._commit(path)
 
@@ -87,7 +89,9 @@ class Ledger:
             if record is None:
                 raise RuntimeError(f"write event for unknown or finished input {e['unit']!r}")
             touched.add(e["unit"])
+            self.rows_done += 1 if e["kind"] == "reject" else e["rows"]
             if e["kind"] == "reject":
+                self.rows_rejected += 1
                 record.rejected[e["reason"]] = record.rejected.get(e["reason"], 0) + 1
                 self.rejects[e["unit"]].append(
                     {"id": e["name"], "reason": e["reason"], "detail": e["detail"], "input": e["unit"]}
@@ -152,15 +156,23 @@ def _check_unique_ids(
             owners[row_id] = path
 
 
-def _process(
-    cfg: PipelineConfig, out: OutputDir, fs: Any, pending: list[InputFile], info: CacheInfo
+def _process(  # noqa: PLR0913 - the run's state, kept explicit
+    cfg: PipelineConfig,
+    out: OutputDir,
+    fs: Any,
+    pending: list[InputFile],
+    info: CacheInfo,
+    rows: dict[str, int],
 ) -> Ledger:
-    ledger = Ledger(out, pending, row_counts(fs, pending, cfg.preprocess))
+    ledger = Ledger(out, pending, {f.path: rows[f.path] for f in pending})
     if ledger.records:
         paths = list(ledger.records)
         ds = build_dataset(cfg, fs=fs, paths=paths, out=out, info=info)
+        total = sum(record.rows for record in ledger.records.values())
+        progress = Progress(total, label="preprocess", unit="images")
         for events in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             ledger.add(events)
+            progress.update(ledger.rows_done, rejected=ledger.rows_rejected)
     ledger.finish()
     return ledger
 
@@ -174,6 +186,9 @@ def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     pre = cfg.preprocess
     out = OutputDir(pre.output)
     fs, files = resolve_inputs(pre.input)
+    # Columns and types of the files to do, from their footers: a typo fails here, before anything is
+    # written to the output or Ray starts.
+    rows = row_counts(fs, _pending(out, files, out.done()), pre)
     start = time.perf_counter()
     components = load_components(cfg.model, parts=("tokenizer", "text_encoder", "vae"))
     info = cache_info(components, cfg)
@@ -193,7 +208,7 @@ def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     if pending:
         ensure_ray()
     start = time.perf_counter()
-    ledger = _process(cfg, out, fs, pending, info) if pending else None
+    ledger = _process(cfg, out, fs, pending, info, rows) if pending else None
     wall = time.perf_counter() - start
     summary = {**totals(out.done()), "cache_existed": existed, "this_run": _run_stats(ledger, wall, load_s)}
     out.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())

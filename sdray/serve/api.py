@@ -67,6 +67,7 @@ def validation_error(errors: list[tuple[str, str]], api: str) -> JSONResponse:
         {"loc": ["body", names.get(f, f)], "msg": f"{names.get(f, f)} {msg}", "type": "value_error"}
         for f, msg in errors
     ]
+    detail = [d for i, d in enumerate(detail) if d not in detail[:i]]  # width and height are both `size`
     return JSONResponse({"detail": detail}, status_code=422)
 
 
@@ -117,6 +118,24 @@ async def _validate_and_generate(
         return _error(422, str(exc))
 
 
+DRAIN_LIMIT_BYTES = 64 * 2**20
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop a refused body (up to DRAIN_LIMIT_BYTES) before answering.
+
+    A server that answers and closes while the client is still sending resets the connection; clients that
+    send the whole body before reading (Python's urllib, requests) then see "connection reset" instead of
+    the 413. Past the limit the connection is closed anyway: a client that big gets no answer.
+    """
+    seen = 0
+    while seen <= DRAIN_LIMIT_BYTES:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+        seen += len(message.get("body", b""))
+
+
 class RequestLimits:
     """Auth on the API paths and the body-size limit, before FastAPI parses anything.
 
@@ -132,8 +151,9 @@ class RequestLimits:
         refusal = self._refusal(scope) if scope["type"] == "http" else None
         if refusal is None:
             await self.app(scope, receive, send)
-        else:
-            await refusal(scope, receive, send)
+            return
+        await _drain(receive)
+        await refusal(scope, receive, send)
 
     def _refusal(self, scope: Scope) -> JSONResponse | None:
         headers = Headers(scope=scope)
@@ -157,8 +177,11 @@ class RequestLimits:
         return None
 
 
-def create_api(backend: ImageBackend) -> FastAPI:
-    """The HTTP app: web page, health, model card, OpenAI images API, AUTOMATIC1111 txt2img."""
+def create_api(backend: ImageBackend, *, count_rejections: bool = False) -> FastAPI:
+    """The HTTP app: web page, health, model card, OpenAI images API, AUTOMATIC1111 txt2img.
+
+    ``count_rejections`` (in a Serve replica): count answers >= 400 in a Ray Serve metric by reason.
+    """
     api = FastAPI(
         title="sdray",
         summary="Stable Diffusion text-to-image on Ray Serve",
@@ -167,6 +190,10 @@ def create_api(backend: ImageBackend) -> FastAPI:
         version="0.1.0",
     )
     api.add_middleware(RequestLimits, backend=backend)
+    if count_rejections:
+        from sdray.serve.metrics import CountRejections
+
+        api.add_middleware(CountRejections)  # added last = outermost: also sees RequestLimits' refusals
     _add_info_routes(api, backend)
     _add_generation_routes(api, backend)
     return api

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
+import socket
 import time
 from typing import Any
 
@@ -21,9 +23,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from sdray.config import from_dict, to_dict
+from sdray.errors import InputError, SdrayError
 from sdray.models.config import ModelConfig
 from sdray.serve.api import create_api
 from sdray.serve.config import ServeConfig
+from sdray.serve.metrics import ModelMetrics, metrics_url
 from sdray.serve.request import Generation, GenerationRequest, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,7 @@ class SDModel:
         self.failures = 0
         self.batches = 0
         self.largest_batch = 0
+        self.metrics = ModelMetrics()
         log.info("SDModel ready: %s, batches of <= %d", self.sampler.info, self.cfg.max_batch_size)
 
     def info(self) -> ModelInfo:
@@ -69,8 +74,8 @@ class SDModel:
         return "ok"
 
     def stats(self) -> dict[str, int]:
-        """Batches run and the most requests seen in one batch (tests and benchmarks read this)."""
-        return {"batches": self.batches, "largest_batch": self.largest_batch}
+        """Batches run, the most requests seen in one batch, and consecutive failed batches (for tests)."""
+        return {"batches": self.batches, "largest_batch": self.largest_batch, "failures": self.failures}
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising makes Serve replace the replica."""
@@ -83,32 +88,80 @@ class SDModel:
         Requests wait at this door while a batch runs. Serve forms the next batch while the previous one is
         still running (ray/serve/batching.py `_process_batches`), so without the door a batch closes after
         `batch_wait_timeout_s` with whoever came by then, and a busy replica alternates half-full batches.
+        The batch hands back one future per request, resolved when that request's bucket is done.
         """
+        arrived = time.perf_counter()
         await self._idle.wait()
-        return await self.generate_batch(req)
+        result = await (await self.generate_batch(req))
+        self.metrics.record_queue_wait(time.perf_counter() - arrived - result.model_ms / 1000)
+        return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def generate_batch(self, requests: list[GenerationRequest]) -> list[Generation]:
-        from sdray.serve.sampler import to_png
-
+    async def generate_batch(self, requests: list[GenerationRequest]) -> list[asyncio.Future]:
         log.debug("batch of %d requests, buckets %s", len(requests), {r.bucket for r in requests})
         self._idle.clear()
-        start = time.perf_counter()
-        try:  # in a thread: the event loop keeps accepting requests for the next batch meanwhile
-            images = await asyncio.to_thread(
-                self.sampler.generate, requests, max_batch=self.cfg.max_batch_size
-            )
-        except Exception:
-            self.failures += 1
-            raise
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in requests]
+        self._running = loop.create_task(self._run_buckets(requests, futures))  # a reference keeps it alive
+        return futures
+
+    async def _run_buckets(self, requests: list[GenerationRequest], futures: list[asyncio.Future]) -> None:
+        """Cheapest bucket first, each request answered as soon as its bucket is done; a bucket that fails is
+        retried request by request, so one bad request fails alone. Only a batch in which every request
+        failed counts toward replacing the replica (`check_health`)."""
+        start, failed = time.perf_counter(), 0
+        try:
+            for group in _buckets_by_cost(requests):
+                results = await self._run_group([requests[i] for i in group])
+                model_ms = (time.perf_counter() - start) * 1000
+                for i, result in zip(group, results, strict=True):
+                    if futures[i].done():  # its caller went away (cancelled the future)
+                        continue
+                    if isinstance(result, Exception):
+                        failed += 1
+                        futures[i].set_exception(result)
+                    else:
+                        futures[i].set_result(Generation(result, model_ms, len(requests)))
         finally:
             self._idle.set()
-        self.failures = 0
+            for future in futures:  # only after a bug above: never leave a caller waiting forever
+                if not future.done():
+                    future.set_exception(RuntimeError("the batch stopped before this request ran"))
+        self.failures = self.failures + 1 if failed == len(requests) else 0
+        self.metrics.record_batch(
+            requests, sampler_s=time.perf_counter() - start, max_batch=self.cfg.max_batch_size
+        )
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(requests))
-        pngs = [[to_png(image) for image in per_request] for per_request in images]
-        model_ms = (time.perf_counter() - start) * 1000
-        return [Generation(p, model_ms, len(requests)) for p in pngs]
+
+    async def _run_group(self, group: list[GenerationRequest]) -> list[list[bytes] | Exception]:
+        """PNGs of each request of one bucket (in a thread: the event loop keeps accepting requests)."""
+        try:
+            return await asyncio.to_thread(self._pngs, group)
+        except Exception as exc:  # handed to the caller(s)
+            if len(group) == 1:
+                log.warning("request failed in the sampler: %s", exc)
+                return [exc]
+        return [(await self._run_group([req]))[0] for req in group]  # isolate the request at fault
+
+    def _pngs(self, group: list[GenerationRequest]) -> list[list[bytes]]:
+        from sdray.serve.sampler import to_png
+
+        images = self.sampler.generate(group, max_batch=self.cfg.max_batch_size)
+        return [[to_png(image) for image in per_request] for per_request in images]
+
+
+def _buckets_by_cost(requests: list[GenerationRequest]) -> list[list[int]]:
+    """Request indices grouped by bucket, cheapest bucket (steps x pixels x images) first."""
+    groups: dict[tuple, list[int]] = {}
+    for i, req in enumerate(requests):
+        groups.setdefault(req.bucket, []).append(i)
+
+    def cost(group: list[int]) -> int:
+        first = requests[group[0]]
+        return first.steps * first.width * first.height * sum(len(requests[i].seeds) for i in group)
+
+    return sorted(groups.values(), key=cost)
 
 
 @serve.deployment(name="SDIngress")
@@ -128,7 +181,7 @@ class SDIngress:
         self._info: ModelInfo | None = None
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_api(self)
+        return create_api(self, count_rejections=True)
 
     async def model_info(self) -> ModelInfo:
         if self._info is None:  # asked lazily: with min_replicas=0 no model replica runs at start
@@ -190,12 +243,52 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     return build_app(cfg.serve, cfg.model)
 
 
+class ServeStartError(SdrayError):
+    """The model or HTTP deployment could not start; the message is the replica's own error, in one line."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process holds, before Serve starts its proxy (which would only log the clash)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise InputError(
+                f"serve.port {port} on {host}: cannot listen ({exc.strerror}); choose another with --port"
+            ) from None
+
+
+def check_inputs(serve_cfg: ServeConfig, model_cfg: ModelConfig) -> None:
+    """What `sdray serve` can check before starting anything: the model directory and the port."""
+    from sdray.models.components import check_model_path
+
+    check_model_path(model_cfg)
+    check_port_free(serve_cfg.host, serve_cfg.port)
+
+
+def _replica_error(exc: Exception) -> str:
+    """The last ``SomeError: message`` line of a failed deployment's report (the replica's traceback)."""
+    lines = re.findall(r"^\s*((?:[\w.]+\.)?\w*(?:Error|Exception)\b.*)$", str(exc), re.MULTILINE)
+    reason = lines[-1] if lines else str(exc).strip().splitlines()[0]
+    return re.sub(r"^(?:[\w.]+\.)?(InputError|ConfigError): ", "", reason.strip())
+
+
+class _AlreadyAppliedFilter(logging.Filter):
+    """Drop Serve's "New http_options ... will not be applied" note: serve.run() re-checks the instance that
+    `start` configured a moment earlier, with no options of its own, so the options were applied."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will not be applied" not in record.getMessage()
+
+
 def start(serve_cfg: ServeConfig, model_cfg: ModelConfig, *, api_key: str | None = None) -> str:
     """Start Serve's HTTP proxy on ``host:port`` and deploy the app (Ray must be initialised); returns the URL.
 
-    ``api_key`` defaults to the ``serve_cfg.api_key_env`` variable of this process's environment.
+    ``api_key`` defaults to the ``serve_cfg.api_key_env`` variable of this process's environment. A replica
+    that fails to start raises ServeStartError carrying its own error line.
     """
     api_key = api_key or os.environ.get(serve_cfg.api_key_env) or None
+    logging.getLogger("ray.serve").addFilter(_AlreadyAppliedFilter())
     serve.start(
         http_options={
             "host": serve_cfg.host,
@@ -203,9 +296,13 @@ def start(serve_cfg: ServeConfig, model_cfg: ModelConfig, *, api_key: str | None
             "request_timeout_s": serve_cfg.request_timeout_s,
         }
     )
-    serve.run(
-        build_app(serve_cfg, model_cfg, api_key=api_key), name=APP_NAME, route_prefix="/", blocking=False
-    )
+    try:
+        serve.run(
+            build_app(serve_cfg, model_cfg, api_key=api_key), name=APP_NAME, route_prefix="/", blocking=False
+        )
+    except RuntimeError as exc:  # Serve's "Deploying application sdray failed" with every replica traceback
+        log.debug("deployment failed: %s", exc)
+        raise ServeStartError(f"the model service failed to start: {_replica_error(exc)}") from None
     return f"http://{serve_cfg.host}:{serve_cfg.port}/"
 
 
@@ -214,16 +311,23 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def serve_forever(serve_cfg: ServeConfig, model_cfg: ModelConfig, *, ready: Any = None) -> None:
-    """`sdray serve`: start Ray (local, or the cluster in RAY_ADDRESS), deploy, block until interrupted."""
+    """`sdray serve`: start Ray (local, or the cluster in RAY_ADDRESS), deploy, block until interrupted.
+
+    The model directory and the port are checked first: a mistake costs a second, not a Ray start-up and
+    a replica's retries.
+    """
     import ray
 
     from sdray.cluster import ensure_ray
+
+    check_inputs(serve_cfg, model_cfg)
 
     # ray.init installs a SIGTERM handler that aborts the process; stop cleanly (Serve shut down) instead.
     signal.signal(signal.SIGTERM, _interrupt)
     ensure_ray()  # keeps the handler above
     try:
         url = start(serve_cfg, model_cfg)
+        log.info("Prometheus metrics of this node: %s (see docs/serve.md)", metrics_url())
         if ready is not None:
             ready(url)
         while True:

@@ -51,6 +51,24 @@ class ModelInfo:
     schedulers: tuple[str, ...] = field(default=SCHEDULER_NAMES)
 
 
+FAR_FROM_NATIVE = 2.0
+"""A side this many times larger (or smaller) than the model's native size gets a warning."""
+
+
+def size_warning(req: GenerationRequest, info: ModelInfo) -> str | None:
+    """A note when the size is far from what the model was trained at: slow (cost grows with the pixel
+    count) and usually poor (repeated or broken composition). None when the size is close to native."""
+    ratio = max(req.width, req.height) / info.native_size
+    if 1 / FAR_FROM_NATIVE <= ratio <= FAR_FROM_NATIVE:
+        return None
+    pixels = req.width * req.height / info.native_size**2
+    return (
+        f"{req.width}x{req.height} is {ratio:g}x the model's native {info.native_size} px per side "
+        f"({pixels:g}x the pixels per step): expect it to be slow and to look worse than "
+        f"{info.native_size}x{info.native_size}"
+    )
+
+
 def check_request(
     req: GenerationRequest, info: ModelInfo, cfg: ServeConfig, count_tokens: Callable[[str], int]
 ) -> list[tuple[str, str]]:
@@ -68,18 +86,22 @@ def check_request(
         errors.append(("steps", f"must be in 1..{cfg.max_steps}, got {req.steps}"))
     for name in ("width", "height"):
         side = getattr(req, name)
-        if not info.size_multiple <= side <= cfg.max_side or side % info.size_multiple:
-            errors.append(
-                (
-                    name,
-                    f"must be a multiple of {info.size_multiple} in {info.size_multiple}..{cfg.max_side}, "
-                    f"got {side}",
-                )
-            )
+        if not info.size_multiple <= side <= cfg.max_side:  # the size is the problem, whatever its multiple
+            errors.append((name, f"must be in {info.size_multiple}..{cfg.max_side} pixels, got {side}"))
+        elif side % info.size_multiple:
+            errors.append((name, f"must be a multiple of {info.size_multiple}, got {side}"))
     if not 0.0 <= req.guidance_scale <= MAX_GUIDANCE:
         errors.append(("guidance_scale", f"must be in 0..{MAX_GUIDANCE:g}, got {req.guidance_scale}"))
     if req.scheduler not in SCHEDULER_NAMES:
         errors.append(("scheduler", f"unknown {req.scheduler!r}; known: {', '.join(SCHEDULER_NAMES)}"))
+    elif req.scheduler not in info.schedulers:
+        errors.append(
+            (
+                "scheduler",
+                f"{req.scheduler!r} cannot keep this model's noise schedule (prediction type, timestep "
+                f"spacing, zero terminal SNR); use one of: {', '.join(info.schedulers)}",
+            )
+        )
     if any(not 0 <= s < 2**63 for s in req.seeds):
         errors.append(("seed", "must be in 0..2**63-1"))
     return errors

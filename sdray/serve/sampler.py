@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -55,10 +55,36 @@ assert tuple(SCHEDULERS) == SCHEDULER_NAMES
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# The model's schedule settings a sampler must keep; a class whose constructor lacks one silently drops it
+# (PNDMScheduler has no `rescale_betas_zero_snr`, so a zero-terminal-SNR model would run another schedule).
+SCHEDULE_KEYS = ("prediction_type", "timestep_spacing", "rescale_betas_zero_snr")
+
+
+def unkept_settings(name: str, base_config: Any) -> list[str]:
+    """The model's schedule settings (SCHEDULE_KEYS, set to a non-default value) scheduler ``name`` cannot keep."""
+    params = inspect.signature(SCHEDULERS[name][0].__init__).parameters
+    return [key for key in SCHEDULE_KEYS if base_config.get(key) not in (None, False) and key not in params]
+
+
+def compatible_schedulers(base_config: Any) -> tuple[str, ...]:
+    """The sampler names that keep the model's prediction type, timestep spacing and zero-SNR setting."""
+    return tuple(name for name in SCHEDULERS if not unkept_settings(name, base_config))
+
+
 def make_scheduler(name: str, base_config: Any) -> SchedulerMixin:
-    """A fresh scheduler ``name`` built from the model's scheduler config (betas, prediction type)."""
+    """A fresh scheduler ``name`` built from the model's scheduler config (betas, prediction type).
+
+    Raises:
+        InputError: ``name`` is unknown, or cannot keep the model's schedule (the message names those that can).
+    """
     if name not in SCHEDULERS:
         raise InputError(f"scheduler: unknown {name!r}; known: {', '.join(SCHEDULERS)}")
+    unkept = unkept_settings(name, base_config)
+    if unkept:
+        raise InputError(
+            f"scheduler: {name!r} cannot keep this model's {', '.join(unkept)}; "
+            f"use one of: {', '.join(compatible_schedulers(base_config))}"
+        )
     cls, overrides = SCHEDULERS[name]
     return cls.from_config(base_config, **overrides)
 
@@ -99,16 +125,24 @@ class Sampler:
             native_size=int(self.pipe.unet.config.sample_size) * vae_factor,
             size_multiple=vae_factor,
             max_tokens=int(self.tokenizer.model_max_length),
+            schedulers=compatible_schedulers(self.pipe.scheduler.config),
         )
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` including the start and end tokens (what must fit in ``max_tokens``)."""
         return len(self.tokenizer(text, truncation=False).input_ids)
 
-    def generate(self, requests: list[GenerationRequest], *, max_batch: int = 8) -> list[list[np.ndarray]]:
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        *,
+        max_batch: int = 8,
+        on_step: Callable[[], None] | None = None,
+    ) -> list[list[np.ndarray]]:
         """Images of each request, (H, W, 3) float32 in [0, 1], in seed order.
 
         Requests are grouped by bucket; each group runs in chunks of at most ``max_batch`` images.
+        ``on_step`` is called after every denoising step of every chunk (progress display).
         """
         images: dict[tuple[int, int], np.ndarray] = {}  # (request index, image index) -> image
         jobs = [(r, i) for r, req in enumerate(requests) for i in range(len(req.seeds))]
@@ -117,12 +151,20 @@ class Sampler:
             group = list(group)
             for start in range(0, len(group), max_batch):
                 chunk = group[start : start + max_batch]
-                out = self.sample([requests[r] for r, _ in chunk], [requests[r].seeds[i] for r, i in chunk])
+                out = self.sample(
+                    [requests[r] for r, _ in chunk], [requests[r].seeds[i] for r, i in chunk], on_step=on_step
+                )
                 images.update(zip(chunk, out, strict=True))
         return [[images[(r, i)] for i in range(len(req.seeds))] for r, req in enumerate(requests)]
 
     @torch.inference_mode()
-    def sample(self, requests: list[GenerationRequest], seeds: list[int]) -> np.ndarray:
+    def sample(
+        self,
+        requests: list[GenerationRequest],
+        seeds: list[int],
+        *,
+        on_step: Callable[[], None] | None = None,
+    ) -> np.ndarray:
         """One image per (request, seed) pair; all requests share one bucket. Returns (B, H, W, 3) float32."""
         spec = requests[0]
         if any(r.bucket != spec.bucket for r in requests):
@@ -137,8 +179,10 @@ class Sampler:
             [r.negative_prompt for r in requests] if cfg_on else None,
         )
         text = torch.cat([uncond, cond]) if cfg_on else cond  # (2B or B, 77, D)
-        # 2. One generator and one scheduler per image: batching must not change any image.
-        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        # 2. One generator and one scheduler per image: batching must not change any image. Generators live on
+        # the CPU whatever the model's device, so a seed gives the same noise on CPU and GPU (diffusers'
+        # reproducibility guide); torch's CUDA generator draws another sequence.
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         schedulers = [make_scheduler(spec.scheduler, self.pipe.scheduler.config) for _ in seeds]
         for scheduler in schedulers:
             scheduler.set_timesteps(spec.steps, device=self.device)
@@ -149,6 +193,8 @@ class Sampler:
         # 4. Denoise: one UNet call per step for the whole batch, then each image's own scheduler step.
         for t in schedulers[0].timesteps:
             latents = self._denoise_step(latents, t, text, schedulers, generators, spec.guidance_scale)
+            if on_step is not None:
+                on_step()
         # 5. VAE-decode and map [-1, 1] -> [0, 1] (diffusers' VaeImageProcessor.postprocess).
         decoded = self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(decoded, output_type="np")  # (B, H, W, 3)
@@ -158,7 +204,8 @@ class Sampler:
     ) -> torch.Tensor:
         factor = self.pipe.vae_scale_factor
         shape = (1, self.pipe.unet.config.in_channels, spec.height // factor, spec.width // factor)
-        noise = torch.randn(shape, generator=generator, device=self.device, dtype=self.pipe.unet.dtype)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)  # on the CPU, in float32 ...
+        noise = noise.to(self.device, self.pipe.unet.dtype)  # ... then moved: the same values everywhere
         return noise * scheduler.init_noise_sigma  # (1, C, h, w)
 
     def _denoise_step(  # noqa: PLR0913 - the loop state, kept explicit for readability
@@ -197,7 +244,14 @@ def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator) -> dict[
     return kwargs
 
 
-def generate_files(sampler: Sampler, req: GenerationRequest, cfg: ServeConfig, out: str | Path) -> list[Path]:
+def generate_files(
+    sampler: Sampler,
+    req: GenerationRequest,
+    cfg: ServeConfig,
+    out: str | Path,
+    *,
+    on_step: Callable[[], None] | None = None,
+) -> list[Path]:
     """`sdray generate`: check ``req``, sample it, write PNGs atomically; returns the paths.
 
     One image goes to ``out``; several go to ``out`` with ``-0``, ``-1``, ... before the suffix.
@@ -208,7 +262,7 @@ def generate_files(sampler: Sampler, req: GenerationRequest, cfg: ServeConfig, o
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InputError(f"--out must end in .png, got {out}")
-    images = sampler.generate([req], max_batch=cfg.max_batch_size)[0]
+    images = sampler.generate([req], max_batch=cfg.max_batch_size, on_step=on_step)[0]
     paths = [out] if len(images) == 1 else [out.with_stem(f"{out.stem}-{i}") for i in range(len(images))]
     for path, image in zip(paths, images, strict=True):
         write_bytes(path, to_png(image))

@@ -18,6 +18,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 from sdray import storage
+from sdray.errors import InputError
 from sdray.models import lora as lora_files
 from sdray.models.components import load_components, save_components
 from sdray.train import checkpoint, lora
@@ -29,12 +30,17 @@ log = logging.getLogger(__name__)
 TRAIN_INFO_FILE = "sdray_train.yaml"
 
 
-def export_checkpoint(checkpoint_dir: str | Path, out_uri: str, *, use_ema: bool = True) -> str:
+def export_checkpoint(
+    checkpoint_dir: str | Path, out_uri: str, *, use_ema: bool = True, overwrite: bool = False
+) -> str:
     """Write the model of the local checkpoint directory ``checkpoint_dir`` to ``out_uri`` (local or s3://).
+
+    An earlier export in ``out_uri`` is replaced; any other non-empty folder only with ``overwrite``.
 
     Returns:
         ``out_uri``.
     """
+    storage.refuse_to_replace(out_uri, marker=TRAIN_INFO_FILE, what="an sdray export", overwrite=overwrite)
     spec = checkpoint.read_spec(checkpoint_dir)
     state = checkpoint.read_shared_state(checkpoint_dir)
     if spec.train.lora.enabled:
@@ -90,13 +96,32 @@ def export_lora(
     return out_uri
 
 
-def export_from_uri(checkpoint_uri: str, out_uri: str, *, use_ema: bool = True) -> str:
+def export_from_uri(
+    checkpoint_uri: str, out_uri: str, *, use_ema: bool = True, overwrite: bool = False
+) -> str:
     """Export from a checkpoint anywhere Ray Train can read it (a local directory or a storage URI)."""
     from ray.train import Checkpoint
 
     if not storage.exists(checkpoint_uri):
-        from sdray.errors import InputError
-
-        raise InputError(f"checkpoint {checkpoint_uri} does not exist")
+        raise InputError(f"checkpoint {checkpoint_uri} does not exist{_existing_checkpoints(checkpoint_uri)}")
+    storage.refuse_to_replace(out_uri, marker=TRAIN_INFO_FILE, what="an sdray export", overwrite=overwrite)
     with storage.checkpoint_files(Checkpoint(storage.absolute(checkpoint_uri))) as local:
-        return export_checkpoint(local, out_uri, use_ema=use_ema)
+        return export_checkpoint(local, out_uri, use_ema=use_ema, overwrite=overwrite)
+
+
+def _existing_checkpoints(checkpoint_uri: str) -> str:
+    """``"; the run has: a, b"`` listing the checkpoints beside a missing one (only the last few are kept)."""
+    import pyarrow.fs as pafs
+
+    parent = checkpoint_uri.rstrip("/").rpartition("/")[0]
+    if not parent or not storage.exists(parent):
+        return ""
+    fs, path = storage.resolve(parent)
+    names = sorted(
+        e.base_name
+        for e in fs.get_file_info(pafs.FileSelector(path))
+        if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint")
+    )
+    if not names:
+        return f"; {parent} holds no checkpoints"
+    return f"; {parent} has {', '.join(names)} (only the last train.keep_checkpoints are kept)"

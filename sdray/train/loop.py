@@ -25,6 +25,7 @@ import torch.distributed as dist
 from sdray import storage
 from sdray.data.cache import read_empty_caption
 from sdray.models.components import load_components
+from sdray.tracking.steps import WorkerTracking
 from sdray.train import checkpoint, metrics
 from sdray.train.checkpoint import RunSpec
 from sdray.train.config import TrainConfig
@@ -153,8 +154,8 @@ def _start(spec: RunSpec, rank: int, world: int, device: torch.device) -> StepRu
     return StepRunner(spec, state, model, scheduler, empty, device, world)
 
 
-def _after_step(runner: StepRunner, row: dict, rank: int, validator) -> None:
-    """Checkpoint (every checkpoint_every and at the end) or report (every log_every); validate."""
+def _after_step(runner: StepRunner, row: dict, rank: int, validator, tracking: WorkerTracking) -> None:
+    """Checkpoint (every checkpoint_every and at the end) or report (every log_every); validate; track."""
     import ray.train
 
     spec, state, cfg = runner.spec, runner.state, runner.spec.train
@@ -165,10 +166,12 @@ def _after_step(runner: StepRunner, row: dict, rank: int, validator) -> None:
     elif state.step % cfg.log_every == 0:
         _publish(spec, state, rank, curve=False)
         ray.train.report(row)
+    tracking.log(state.step, row)
     if validator is not None and (last or (cfg.validate_every > 0 and state.step % cfg.validate_every == 0)):
-        validator.save(
+        grid = validator.save(
             state.unet, state.ema, step=state.step, run_uri=cfg.output, resolution=spec.info.resolution
         )
+        tracking.image(grid, step=state.step)
 
 
 def train_worker(config: dict) -> None:
@@ -196,12 +199,23 @@ def train_worker(config: dict) -> None:
 
         validator = Validator(cfg, spec.model, cfg.loss.prediction_type, device)
 
-    # 4. Training loop: step, stop on a non-finite loss, record, checkpoint or report, validate.
+    # 4. Rank 0 tracks (MLflow/TensorBoard, see sdray.tracking) and shows progress; the others do neither.
+    tracking = WorkerTracking(
+        config,
+        rank=rank,
+        start_step=state.step,
+        max_steps=cfg.max_steps,
+        flush_every=cfg.log_every,
+        name="train",
+    )
+
+    # 5. Training loop: step, stop on a non-finite loss, record, checkpoint or report, validate.
     while state.step < cfg.max_steps:
         start = time.perf_counter()
         loss, grad_norm, waited = runner.step(batches)
         if not math.isfinite(loss):
             _stop_diverged(spec, state, rank, loss)
+            tracking.close()
             return
         state.step += 1
         timing = {
@@ -214,10 +228,12 @@ def train_worker(config: dict) -> None:
             step=state.step, epoch=state.epoch, loss=loss, lr=lr, grad_norm=grad_norm, timing=timing
         )
         state.unpublished.append(row)
-        _after_step(runner, row, rank, validator)
+        _after_step(runner, row, rank, validator, tracking)
+        tracking.step(state.step, loss=loss)
 
-    # 5. End: the last step was checkpointed in the loop; publish the final metrics and loss curve.
+    # 6. End: the last step was checkpointed in the loop; publish the final metrics and loss curve.
     _publish(spec, state, rank, curve=True)
+    tracking.close()
 
 
 def _stop_diverged(spec: RunSpec, state: TrainingState, rank: int, loss: float) -> None:

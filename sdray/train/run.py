@@ -9,17 +9,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from sdray import storage
-from sdray.cluster import ensure_ray
 from sdray.data.reader import ExpectedCache, open_cache
 from sdray.errors import ConfigError, InputError, SdrayError
 from sdray.models.config import ModelConfig, saved_architecture
 from sdray.models.presets import PRESETS
+from sdray.tracking import run as tracking_run
+from sdray.tracking.config import TrackingConfig
 from sdray.train.checkpoint import RunSpec
 from sdray.train.config import TrainConfig
 from sdray.train.loop import DIVERGED_FILE, train_worker
@@ -50,6 +52,57 @@ class TrainResult:
     """The exported LoRA directory (`train.lora.enabled`), if exported."""
     metrics: dict[str, Any]
     """The metrics row of the last checkpointed step."""
+    already_done: bool = False
+    """The run was already at or past ``max_steps``: nothing was trained, nothing rewritten."""
+
+
+def latest_checkpoint(storage_path: str) -> tuple[int, str] | None:
+    """(step, URI) of the newest ``checkpoint-step-*`` folder of a run's Ray Train storage, if any."""
+    import pyarrow.fs as pafs
+
+    folder = storage.join(storage_path, RUN_NAME)
+    if not storage.exists(folder):
+        return None
+    fs, path = storage.resolve(folder)
+    steps = [
+        (int(e.base_name.rpartition("-")[2]), e.base_name)
+        for e in fs.get_file_info(pafs.FileSelector(path))
+        if e.type == pafs.FileType.Directory and re.fullmatch(r"checkpoint-step-\d+", e.base_name)
+    ]
+    if not steps:
+        return None
+    step, name = max(steps)
+    return step, storage.join(folder, name)
+
+
+def _refuse_output_in_cache(data: str, output: str) -> None:
+    """A run folder inside the cache (or the cache inside a run folder) mixes run files into the data set."""
+    a, b = data.rstrip("/") + "/", output.rstrip("/") + "/"
+    if a.startswith(b) or b.startswith(a):
+        raise ConfigError(
+            f"train.output {output} and train.data {data} overlap: run files would land in the latent cache; "
+            "give --out a folder of its own"
+        )
+
+
+def _already_done(cfg: TrainConfig) -> TrainResult | None:
+    """The run in ``cfg.output`` when it is already at or past ``cfg.max_steps`` (nothing to train)."""
+    latest = latest_checkpoint(cfg.storage_path)
+    if latest is None or latest[0] < cfg.max_steps:
+        return None
+    exported = storage.join(cfg.output, LORA_DIR if cfg.lora.enabled else MODEL_DIR)
+    if cfg.export and not storage.exists(exported):
+        return None  # stopped between the last checkpoint and the export: the normal path exports
+    exported = exported if cfg.export else None
+    return TrainResult(
+        output=cfg.output,
+        step=latest[0],
+        checkpoint=latest[1],
+        model=None if cfg.lora.enabled else exported,
+        lora=exported if cfg.lora.enabled else None,
+        metrics={},
+        already_done=True,
+    )
 
 
 def _arch(model_cfg: ModelConfig, part: str) -> dict[str, Any]:
@@ -108,7 +161,7 @@ def _check_same_kind(output: str, cfg: TrainConfig) -> None:
         )
 
 
-def _trainer(spec: RunSpec, dataset: Any):
+def _trainer(spec: RunSpec, dataset: Any, tracked: tracking_run.TrackingRun):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -119,7 +172,7 @@ def _trainer(spec: RunSpec, dataset: Any):
     )
     return TorchTrainer(
         train_worker,
-        train_loop_config=spec.to_dict(),
+        train_loop_config={**spec.to_dict(), tracking_run.CONFIG_KEY: tracked.to_dict()},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -151,8 +204,13 @@ def _raise_diverged(status_uri: str, result: Any) -> None:
     )
 
 
-def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
-    """Train (or resume) the run in ``cfg.output`` and export the model; see docs/train.md."""
+def run_training(
+    cfg: TrainConfig, model_cfg: ModelConfig, tracking: TrackingConfig | None = None
+) -> TrainResult:
+    """Train (or resume) the run in ``cfg.output`` and export the model; see docs/train.md.
+
+    ``tracking``: MLflow / TensorBoard (sdray.tracking); a resumed run continues the same MLflow run.
+    """
     # 1. Resolve paths: absolute local paths or URIs, the same strings on every node.
     if not cfg.data or not cfg.output:
         raise ConfigError("train.data (a latent cache) and train.output (the run directory) are required")
@@ -165,8 +223,10 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
     )
     check_lora(cfg, model_cfg)
     _check_same_kind(output, cfg)
-
-    ensure_ray()
+    _refuse_output_in_cache(cfg.data, output)
+    done = _already_done(cfg)  # before train_config.yaml is rewritten: it must keep describing the run
+    if done is not None:
+        return done
 
     # 2. Open the cache and refuse one made for another model or too small for one step.
     cache = open_cache(cfg.data, expected_cache(cfg, model_cfg))
@@ -183,10 +243,26 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
     )
 
     # 4. Fit; Ray restarts failed workers from the last checkpoint (FailureConfig).
+    tracked = tracking_run.start_run(
+        tracking or TrackingConfig(),
+        output=output,
+        stage="train",
+        params=spec.to_dict(),
+        tags={"sdray.cache_fingerprint": cache.info.encoder_fingerprint, "sdray.cache": cfg.data},
+    )
+    with tracking_run.failure_status(tracked):
+        result = _fit_and_export(spec, cache, tracked)
+    tracking_run.finish_run(tracked, model_uri=result.model or result.lora)
+    return result
+
+
+def _fit_and_export(spec: RunSpec, cache: Any, tracked: tracking_run.TrackingRun) -> TrainResult:
+    """Steps 4 and 5 of `run_training`: fit (resuming from Ray's latest checkpoint), then export."""
+    cfg, output = spec.train, spec.train.output
     diverged_uri = storage.join(output, DIVERGED_FILE)
     storage.remove(diverged_uri)  # left by an earlier attempt; this one resumes from its last good checkpoint
     dataset = cache.dataset.materialize() if cfg.materialize else cache.dataset
-    result = _trainer(spec, dataset).fit()
+    result = _trainer(spec, dataset, tracked).fit()
     latest = result.checkpoint
     if storage.exists(diverged_uri):
         _raise_diverged(diverged_uri, result)

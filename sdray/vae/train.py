@@ -30,6 +30,9 @@ from sdray.errors import InputError
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
 from sdray.storage import checkpoint_files, write_text
+from sdray.tracking import run as tracking_run
+from sdray.tracking.config import TrackingConfig
+from sdray.tracking.steps import WorkerTracking
 from sdray.vae.config import VaeTrainConfig
 from sdray.vae.data import PIXELS, check_data_path, image_datasets, to_model_input
 from sdray.vae.export import STATE_FILE, export_vae
@@ -128,6 +131,18 @@ def _report(state: VaeTrainState, metrics: dict, *, rank: int) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
+def _optimizer_step(
+    autoencode, images: torch.Tensor, cfg: VaeTrainConfig, generator: torch.Generator, state: VaeTrainState
+) -> tuple[float, dict[str, float]]:
+    """One AdamW step on the (B, 3, R, R) ``images``; returns the loss and its parts."""
+    loss, parts = vae_loss(autoencode, images, cfg, generator)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    state.lr_scheduler.step()
+    return loss.item(), parts
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker. ``config``: {"vae_train": dict, "model": dict} (plain, picklable)."""
     # 1. typed configs and threads
@@ -157,24 +172,25 @@ def train_loop_per_worker(config: dict) -> None:
             state.load_state_dict(torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True))
         log.info("resumed at step %d", state.step)
 
-    # 5. data: this worker's shard of the training images; every worker sees all held-out images
+    # 5. data: this worker's shard of the training images; every worker sees all held-out images. Rank 0
+    #    also tracks (MLflow/TensorBoard, see sdray.tracking) and shows progress.
     batches = _batches(ray.train.get_dataset_shard("train"), cfg)
     eval_images = _eval_images(ray.train.get_dataset_shard("val"), cfg.max_eval_images)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + state.step)
+    tracking = WorkerTracking(
+        config, rank=rank, start_step=state.step, max_steps=cfg.max_steps, flush_every=1, name="vae"
+    )
 
     # 6. loop: step, and every report_every steps evaluate, checkpoint and report
     sums, seen, started = {"loss": 0.0, "l1": 0.0, "mse": 0.0, "kl": 0.0}, 0, time.perf_counter()
     while state.step < cfg.max_steps:
         images = next(batches)  # (B, 3, R, R)
-        loss, parts = vae_loss(autoencode, images, cfg, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_scheduler.step()
+        loss, parts = _optimizer_step(autoencode, images, cfg, generator, state)
         state.step += 1
-        for key, value in {"loss": loss.item(), **parts}.items():
+        for key, value in {"loss": loss, **parts}.items():
             sums[key] += value
         seen += 1
+        tracking.step(state.step, loss=loss)
         if state.step % cfg.report_every and state.step < cfg.max_steps:
             continue
         now = time.perf_counter()
@@ -183,9 +199,11 @@ def train_loop_per_worker(config: dict) -> None:
         metrics |= {"psnr": _held_out_psnr(vae, eval_images), "lr": lr_scheduler.get_last_lr()[0]}
         metrics |= {"elapsed_s": state.elapsed_s, "images_per_s": seen * len(images) / (now - started)}
         _report(state, metrics, rank=rank)
+        tracking.log(state.step, metrics)
         if cfg.target_psnr and metrics["psnr"] >= cfg.target_psnr:
             break  # every worker computed the same PSNR on the same images, so all stop together
         sums, seen, started = dict.fromkeys(sums, 0.0), 0, time.perf_counter()
+    tracking.close()
 
 
 def _check_sizes(cfg: VaeTrainConfig, num_train: int, num_val: int) -> None:
@@ -199,11 +217,14 @@ def _check_sizes(cfg: VaeTrainConfig, num_train: int, num_val: int) -> None:
     log.info("VAE data: %d training and %d held-out images", num_train, num_val)
 
 
-def train_vae(cfg: VaeTrainConfig, model_cfg: ModelConfig) -> VaeTrainResult:
+def train_vae(
+    cfg: VaeTrainConfig, model_cfg: ModelConfig, tracking: TrackingConfig | None = None
+) -> VaeTrainResult:
     """Train the VAE on ``cfg.data`` and export ``cfg.output/vae`` (diffusers format, safetensors).
 
     Also writes ``cfg.output/config.yaml`` (the resolved settings) and ``cfg.output/metrics.json``
     (history of {step, loss, l1, mse, kl, psnr, lr, elapsed_s, images_per_s} and the final numbers).
+    ``tracking``: MLflow / TensorBoard (sdray.tracking).
     """
     if not cfg.output:
         raise InputError("vae_train.output is empty: give a run directory (--out)")
@@ -216,9 +237,34 @@ def train_vae(cfg: VaeTrainConfig, model_cfg: ModelConfig) -> VaeTrainResult:
     train_ds, val_ds = image_datasets(cfg)
     if cfg.materialize:
         _check_sizes(cfg, train_ds.count(), val_ds.count())
-    trainer = TorchTrainer(
+    tracked = tracking_run.start_run(
+        tracking or TrackingConfig(), output=str(output), stage="train-vae", params=resolved, tags={}
+    )
+    with tracking_run.failure_status(tracked):
+        result = _trainer(
+            cfg, {**resolved, tracking_run.CONFIG_KEY: tracked.to_dict()}, train_ds, val_ds
+        ).fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"VAE training reported no checkpoint (error: {result.error})")
+        with checkpoint_files(result.checkpoint) as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True)
+        vae_dir, scaling = export_vae(state["vae"], model_cfg, cfg, train_ds, output / "vae")
+    tracking_run.finish_run(tracked, model_uri=str(vae_dir))
+    final = state["history"][-1]
+    summary = {"psnr": final["psnr"], "steps": state["step"], "train_seconds": state["elapsed_s"]}
+    summary |= {"scaling_factor": scaling, "history": state["history"]}
+    write_text(output / "metrics.json", json.dumps(summary, indent=2))
+    log.info("VAE: %.2f dB held-out PSNR after %d steps (%.0f s); exported %s", final["psnr"], state["step"],
+             state["elapsed_s"], vae_dir)  # fmt: skip
+    return VaeTrainResult(
+        vae_dir, final["psnr"], state["step"], state["elapsed_s"], scaling, state["history"]
+    )
+
+
+def _trainer(cfg: VaeTrainConfig, loop_config: dict, train_ds, val_ds) -> TorchTrainer:
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=resolved,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -228,23 +274,8 @@ def train_vae(cfg: VaeTrainConfig, model_cfg: ModelConfig) -> VaeTrainResult:
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name="vae",
-            storage_path=str(output / "ray"),
+            storage_path=str(Path(cfg.output).absolute() / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"VAE training reported no checkpoint (error: {result.error})")
-    with checkpoint_files(result.checkpoint) as ckpt_dir:
-        state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True)
-    vae_dir, scaling = export_vae(state["vae"], model_cfg, cfg, train_ds, output / "vae")
-    final = state["history"][-1]
-    summary = {"psnr": final["psnr"], "steps": state["step"], "train_seconds": state["elapsed_s"]}
-    summary |= {"scaling_factor": scaling, "history": state["history"]}
-    write_text(output / "metrics.json", json.dumps(summary, indent=2))
-    log.info("VAE: %.2f dB held-out PSNR after %d steps (%.0f s); exported %s", final["psnr"], state["step"],
-             state["elapsed_s"], vae_dir)  # fmt: skip
-    return VaeTrainResult(
-        vae_dir, final["psnr"], state["step"], state["elapsed_s"], scaling, state["history"]
     )

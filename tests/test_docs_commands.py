@@ -1,0 +1,118 @@
+"""README.md and docs/*.md run as written, in order, from a fresh directory (rules: tests/docs_commands.py).
+
+Every `sdray` command is a real subprocess; they all attach to the session's Ray through RAY_ADDRESS
+instead of each starting a private one, which keeps the whole chain to a few minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from docs_commands import ROOT, DocsError, all_commands, commands_of, why_not_run
+from serve_fixtures import free_port
+
+SERVE_START_TIMEOUT_S = 300
+
+
+def test_extractor_rules(tmp_path):
+    doc = tmp_path / "x.md"
+    doc.write_text(
+        "```bash\nsdray a --x 1   # comment\nsdray b \\\n    --y 'two words'\n```\n"
+        "<!-- docs-test: skip shown, not run -->\n```bash\nsdray c\n```\n"
+        "```yaml\nkey: sdray d\n```\n"
+    )
+    assert [c.command for c in commands_of(doc, "x.md")] == [
+        "sdray a --x 1",
+        "sdray b --y 'two words'",
+    ]
+    assert [c.where for c in commands_of(doc, "x.md")] == ["x.md:2", "x.md:3"]
+    doc.write_text("```\nsdray train --data d\n```\n")
+    with pytest.raises(DocsError, match="x.md:2: a sdray command in a ```"):
+        commands_of(doc, "x.md")
+    doc.write_text("<!-- docs-test: skip -->\n```bash\nsdray c\n```\n")
+    with pytest.raises(DocsError, match="needs a reason"):
+        commands_of(doc, "x.md")
+    assert why_not_run("SDRAY_API_KEY=s ray job submit -- x") and why_not_run("sdray train --config sd15")
+    assert why_not_run("sdray train --data data/latents") is None
+
+
+def _shim(bin_dir: Path) -> None:
+    """`sdray` and `python` on PATH: this checkout's console script and interpreter."""
+    bin_dir.mkdir()
+    (bin_dir / "sdray").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m pipelines.cli "$@"\n')
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    for name in ("sdray", "python"):
+        (bin_dir / name).chmod(0o755)
+
+
+def _with_port(command: str, port: int) -> str:
+    if "--port" in command:
+        return re.sub(r"--port \d+", f"--port {port}", command)
+    return f"{command} --port {port}"
+
+
+def _serve_once(command: str, env: dict[str, str], cwd: Path, where: str) -> None:
+    """Start `sdray serve`, ask for one image, stop it with SIGTERM: exit 130 and a clean 'stopped' line."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["bash", "-c", "exec " + _with_port(command, port)],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + SERVE_START_TIMEOUT_S
+        while True:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, f"{where}: {command} ended: {proc.stderr.read()}"
+            if line.startswith("serving http://"):
+                break
+            assert time.monotonic() < deadline, f"{where}: {command} not ready"
+        assert "no API key" in line or "API key required" in line, line
+        body = {"prompt": "a red circle", "size": "64x64", "steps": 2, "seed": 1}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped" in err and "resume" not in err, err
+
+
+def test_every_documented_command_runs(ray_session, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    _shim(tmp_path / "bin")
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "RAY_ADDRESS": address,
+        "SDRAY_LOG_DIR": str(tmp_path / "logs"),
+    }
+    env.pop(os.environ.get("SDRAY_API_KEY_ENV", "SDRAY_API_KEY"), None)
+    work = tmp_path / "clone"
+    work.mkdir()
+    served = False
+    for doc in all_commands():
+        reason = why_not_run(doc.command)
+        if reason:
+            print(f"not run: {doc.where}: {doc.command} ({reason})")
+            continue
+        command = doc.command
+        if re.search(r"(^|\s)sdray serve\b", command):
+            if not served:
+                _serve_once(command, env, work, doc.where)
+                served = True
+                continue
+            command = _with_port(command, free_port()) + " --check"
+        result = subprocess.run(
+            ["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, f"{doc.where}: {command}\n{result.stdout}\n{result.stderr}"
+    assert served, "no documented `sdray serve` command was started"
