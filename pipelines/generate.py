@@ -3,6 +3,7 @@
 sdray generate --prompt "a large red circle in the top left" --seed 1 --out x.png        # tiny preset
 sdray generate --model runs/exp1/model --prompt "..." --steps 30 --scheduler dpmpp_2m --size 512x512 --out x.png
     --n 4 writes x-0.png .. x-3.png with seeds seed, seed+1, ...; no --seed draws one and prints it.
+sdray generate --model BASE --lora runs/a/lora:0.8 --lora runs/b/lora ...   # LoRA DIR[:SCALE], docs/finetune.md
     Defaults (steps, guidance, scheduler) and limits come from the `serve` section (docs/config.md).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from pipelines.common import flag_overrides, load_config, make_parser, run
+from sdray.models.lora import LoraSpec
 from sdray.serve.config import SCHEDULER_NAMES
 
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seed", "n", "size", "steps", "guidance_scale", "scheduler")
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance-scale", dest="guidance_scale", type=float)
     parser.add_argument("--scheduler", choices=SCHEDULER_NAMES)
     parser.add_argument(
+        "--lora", action="append", default=[], metavar="DIR[:SCALE]", help="LoRA (repeatable)"
+    )
+    parser.add_argument(
         "--out", required=True, help="output .png (several images: out-0.png, out-1.png, ...)"
     )
     args = parser.parse_args(argv)
@@ -42,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args, flag_overrides(args, {"model": "model.path"}))
         fields = {name: getattr(args, name) for name in REQUEST_FIELDS if getattr(args, name) is not None}
-        sampler = Sampler(load_components(cfg.model), source=cfg.model.source)
+        loras = [LoraSpec.parse(text) for text in args.lora]  # a missing weights file fails in Sampler
+        sampler = Sampler(load_components(cfg.model), source=cfg.model.source, loras=loras)
         req = parse_images_request(fields).to_generation(cfg.serve, sampler.info)
         if warning := size_warning(req, sampler.info):
             print(f"note: {warning}")

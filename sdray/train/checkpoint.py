@@ -3,7 +3,8 @@
 Layout of one checkpoint (Ray merges the files every rank reports into one directory):
 
     training_state.pt    shared TrainingState.state_dict() (rank 0): unet, optimizer, lr schedule, EMA, step,
-                         data position (metrics rows live in the run's metrics.jsonl, not here)
+                         data position (metrics rows live in the run's metrics.jsonl, not here); with
+                         train.lora the unet, optimizer and EMA entries hold the adapter's weights only
     rng-rank{R}.pt       each rank's RNG states
     run.yaml             the resolved train + model config
     cache_info.json      CacheInfo of the data trained on
@@ -104,7 +105,7 @@ def load_into(
     shared = _load(directory / STATE_FILE, f"{origin}/{STATE_FILE}", device)
     rng_path = directory / rng_file(rank)
     rng = _load(rng_path, f"{origin}/{rng_file(rank)}", "cpu") if rng_path.is_file() else None
-    state.load_state_dict(shared, rng)
+    state.load_state_dict(shared, rng, origin=f"{origin}/{STATE_FILE}")
     if rng is None:  # the run was resumed with more workers than it was saved with
         log.warning("rank %d: no RNG state in %s; reseeding from the step", rank, origin)
         state.generator.manual_seed(stream_seed(seed, Stream.RESEED, rank, state.step))

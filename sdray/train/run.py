@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 RUN_NAME = "train"
 CONFIG_FILE = "train_config.yaml"
 MODEL_DIR = "model"
+LORA_DIR = "lora"
 
 
 class TrainingDiverged(SdrayError):
@@ -47,7 +48,9 @@ class TrainResult:
     checkpoint: str | None
     """Path of the latest checkpoint inside the storage file system."""
     model: str | None
-    """The exported diffusers directory, if exported."""
+    """The exported diffusers model directory (full fine-tuning), if exported."""
+    lora: str | None
+    """The exported LoRA directory (`train.lora.enabled`), if exported."""
     metrics: dict[str, Any]
     """The metrics row of the last checkpointed step."""
     already_done: bool = False
@@ -88,14 +91,16 @@ def _already_done(cfg: TrainConfig) -> TrainResult | None:
     latest = latest_checkpoint(cfg.storage_path)
     if latest is None or latest[0] < cfg.max_steps:
         return None
-    model = storage.join(cfg.output, MODEL_DIR)
-    if cfg.export and not storage.exists(model):
+    exported = storage.join(cfg.output, LORA_DIR if cfg.lora.enabled else MODEL_DIR)
+    if cfg.export and not storage.exists(exported):
         return None  # stopped between the last checkpoint and the export: the normal path exports
+    exported = exported if cfg.export else None
     return TrainResult(
         output=cfg.output,
         step=latest[0],
         checkpoint=latest[1],
-        model=model if cfg.export else None,
+        model=None if cfg.lora.enabled else exported,
+        lora=exported if cfg.lora.enabled else None,
         metrics={},
         already_done=True,
     )
@@ -122,6 +127,39 @@ def expected_cache(cfg: TrainConfig, model_cfg: ModelConfig) -> ExpectedCache:
         text_embed_dim=int(unet["cross_attention_dim"]),
         model_source=model_cfg.source,
     )
+
+
+def check_lora(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """Refuse LoRA target modules the UNet lacks, on a weightless (meta device) UNet; no-op without LoRA."""
+    if not cfg.lora.enabled:
+        return
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdray.train.lora import check_targets
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(_arch(model_cfg, "unet"))
+    check_targets(unet, cfg.lora.target_modules)
+
+
+def _check_same_kind(output: str, cfg: TrainConfig) -> None:
+    """A run directory resumes only as what it is: LoRA with the same adapter shape, or full fine-tuning."""
+    uri = storage.join(output, CONFIG_FILE)
+    if not storage.exists(uri):
+        return
+    try:
+        before = RunSpec.from_dict(yaml.safe_load(storage.read_bytes(uri))).train.lora
+    except (SdrayError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return  # unreadable: Ray Train's own checkpoint is the authority on resume
+    now = cfg.lora
+    shape = ("enabled", "rank", "target_modules")
+    changed = [f"train.lora.{k}" for k in shape if getattr(before, k) != getattr(now, k)]
+    if changed:
+        raise ConfigError(
+            f"{output} holds a run trained with other {', '.join(changed)} ({uri}); "
+            "resume it with the same settings or choose another train.output"
+        )
 
 
 def _trainer(spec: RunSpec, dataset: Any, tracked: tracking_run.TrackingRun):
@@ -196,6 +234,8 @@ def run_training(
         output=output,
         storage_path=storage.absolute(cfg.storage_path or storage.join(output, "ray")),
     )
+    check_lora(cfg, model_cfg)
+    _check_same_kind(output, cfg)
     _refuse_output_in_cache(cfg.data, output)
     done = _already_done(cfg)  # before train_config.yaml is rewritten: it must keep describing the run
     if done is not None:
@@ -225,7 +265,7 @@ def run_training(
     )
     with tracking_run.failure_status(tracked):
         result = _fit_and_export(spec, cache, tracked)
-    tracking_run.finish_run(tracked, model_uri=result.model)
+    tracking_run.finish_run(tracked, model_uri=result.model or result.lora)
     return result
 
 
@@ -242,18 +282,20 @@ def _fit_and_export(spec: RunSpec, cache: Any, tracked: tracking_run.TrackingRun
     if storage.exists(diverged_uri):
         _raise_diverged(diverged_uri, result)
 
-    # 5. Export the final weights as a diffusers model directory.
-    model_uri = None
+    # 5. Export the final weights: a diffusers model directory, or the LoRA adapter's directory.
+    exported = None
     if cfg.export and latest is not None:
         from sdray.train.export import export_checkpoint
 
+        target = storage.join(output, LORA_DIR if cfg.lora.enabled else MODEL_DIR)
         with storage.checkpoint_files(latest) as directory:
-            model_uri = export_checkpoint(directory, storage.join(output, MODEL_DIR), use_ema=cfg.export_ema)
+            exported = export_checkpoint(directory, target, use_ema=cfg.export_ema)
     step = int(result.metrics.get("step", 0)) if result.metrics else 0
     return TrainResult(
         output=output,
         step=step,
         checkpoint=latest.path if latest else None,
-        model=model_uri,
+        model=None if cfg.lora.enabled else exported,
+        lora=exported if cfg.lora.enabled else None,
         metrics=dict(result.metrics or {}),
     )

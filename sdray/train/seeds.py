@@ -24,6 +24,8 @@ class Stream(IntEnum):
     """The local shuffle buffer of one epoch."""
     RESEED = 3
     """The generator of a rank that has no saved RNG state (resumed with more workers), per step."""
+    LORA_INIT = 4
+    """The LoRA adapter's initial weights (drawn with rank 0's seed on every rank: one adapter for all)."""
 
 
 def stream_seed(seed: int, stream: Stream, rank: int, *more: int) -> int:
