@@ -308,5 +308,7 @@ def test_bad_request_in_a_batch_fails_alone_and_short_buckets_finish_first(clien
     before = _model_stats()
     long, short = (handle.generate.remote(r) for r in (req(30, seed=3), req(2, seed=2)))
     assert len(long.result().pngs) == 1 and len(short.result().pngs) == 1
-    if _model_stats()["batches"] - before["batches"] == 1:  # both shared one batch: the 2-step bucket went first
+    if (
+        _model_stats()["batches"] - before["batches"] == 1
+    ):  # both shared one batch: the 2-step bucket went first
         assert short.result().model_ms < long.result().model_ms / 2
