@@ -14,6 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("pipelines.data", "make data sets (`sdray data synth`: captioned synthetic scenes)"),
     "serve": ("pipelines.serve", "stage 3: the sampler as an HTTP service (Ray Serve) with a web page"),
     "generate": ("pipelines.generate", "text to image with the stage 3 sampler, without Serve"),
+    "batch-generate": (
+        "pipelines.batch_generate",
+        "prompt files -> image parquet (the layout `sdray preprocess` reads), on a Ray Data sampler pool",
+    ),
     "preprocess": (
         "pipelines.preprocess",
         "stage 1: image-caption parquet -> cached VAE latents + text embeddings",

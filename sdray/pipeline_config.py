@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdray.batchgen.config import BatchGenerateConfig
 from sdray.config import apply_overrides, from_dict, load_yaml
 from sdray.data.synth import SynthConfig
 from sdray.errors import ConfigError
@@ -36,6 +37,8 @@ class PipelineConfig:
     """`sdray train`: stage 2."""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """`sdray serve` / `sdray generate`: stage 3."""
+    batch_generate: BatchGenerateConfig = field(default_factory=BatchGenerateConfig)
+    """`sdray batch-generate`: offline generation over prompt files (request limits from `serve`)."""
 
 
 def resolve_config_path(name_or_path: str) -> Path:
