@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pipelines.train",
         "stage 2: train the UNet on cached latents (Ray Train), resumable, exports a model",
     ),
+    "dreambooth": (
+        "pipelines.dreambooth",
+        "DreamBooth: subject images + class images from the base model -> prior-preserving training",
+    ),
     "export": ("pipelines.export", "export a training checkpoint as a diffusers model directory"),
     "train-vae": ("pipelines.train_vae", "train or fine-tune the VAE on an image parquet (Ray Train)"),
     "evaluate": ("pipelines.evaluate", "caption faithfulness of generated images (colour, shape, position)"),

@@ -12,6 +12,7 @@ from pathlib import Path
 from sdray.batchgen.config import BatchGenerateConfig
 from sdray.config import apply_overrides, from_dict, load_yaml
 from sdray.data.synth import SynthConfig
+from sdray.dreambooth.config import DreamBoothConfig
 from sdray.errors import ConfigError
 from sdray.models.config import ModelConfig
 from sdray.preprocess.config import PreprocessConfig
@@ -39,6 +40,8 @@ class PipelineConfig:
     """`sdray serve` / `sdray generate`: stage 3."""
     batch_generate: BatchGenerateConfig = field(default_factory=BatchGenerateConfig)
     """`sdray batch-generate`: offline generation over prompt files (request limits from `serve`)."""
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
+    """`sdray dreambooth`: subject images + class prior -> caches -> training (settings from the other sections)."""
 
 
 def resolve_config_path(name_or_path: str) -> Path:

@@ -109,8 +109,7 @@ def _reject_events(rejected: list[dict[str, str]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)
 
 
-def _process(cfg: PipelineConfig, out: OutputDir, fs: Any, pending: list, checks: RowChecks) -> Ledger:
-    loaded = {f.path: load_prompt_file(fs, f, checks) for f in pending}
+def _process(cfg: PipelineConfig, out: OutputDir, pending: list, loaded: dict[str, Any]) -> Ledger:
     ledger = Ledger(out, pending, {path: len(g) + len(r) for path, (g, r) in loaded.items()})
     ledger.add(_reject_events([r for _, rejected in loaded.values() for r in rejected]))
     good = [row for rows, _ in loaded.values() for row in rows]
@@ -146,9 +145,11 @@ def run_batch_generate(cfg: PipelineConfig) -> dict[str, Any]:
         limits=cfg.serve,
         count_tokens=lambda text: len(tokenizer(text, truncation=False).input_ids),
     )
+    pending = _pending(out, files)
+    # Every pending file is read and checked before anything is written: a bad file leaves no trace.
+    loaded = {f.path: load_prompt_file(fs, f, checks) for f in pending}
     _check_source(out, {"model": cfg.model.source, "loras": list(gen.loras)})
     out.put(CONFIG_FILE, dump_yaml(cfg).encode())
-    pending = _pending(out, files)
     cleaned = out.clean({f.key for f in pending})
     log.info(
         "%s: %d prompt file(s), %d already done, %d to do%s",
@@ -156,7 +157,7 @@ def run_batch_generate(cfg: PipelineConfig) -> dict[str, Any]:
         f" (removed {cleaned} leftover file(s) of an interrupted run)" if cleaned else "",
     )  # fmt: skip
     start = time.perf_counter()
-    ledger = _process(cfg, out, fs, pending, checks) if pending else None
+    ledger = _process(cfg, out, pending, loaded) if pending else None
     wall = time.perf_counter() - start
     summary = {**totals(out.done()), "this_run": _run_stats(ledger, wall)}
     out.put(SUMMARY_FILE, json.dumps(summary, indent=2).encode())

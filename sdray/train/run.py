@@ -22,7 +22,7 @@ from sdray.models.presets import PRESETS
 from sdray.train import storage
 from sdray.train.checkpoint import RunSpec
 from sdray.train.config import TrainConfig
-from sdray.train.loop import DIVERGED_FILE, train_worker
+from sdray.train.loop import CLASS_DATASET, DIVERGED_FILE, train_worker
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,33 @@ def expected_cache(cfg: TrainConfig, model_cfg: ModelConfig) -> ExpectedCache:
     )
 
 
-def _trainer(spec: RunSpec, dataset: Any):
+def open_class_cache(cfg: TrainConfig, expected: ExpectedCache, info: Any) -> Any:
+    """DreamBooth's class-image cache: encoded like the instance cache, enough rows for one step per worker."""
+    where = f"train.class_data {cfg.class_data}"
+    try:
+        cache = open_cache(cfg.class_data, expected)
+    except InputError as exc:
+        raise InputError(f"prior preservation needs class images; {where}: {exc}") from None
+    if cache.num_rows < cfg.batch_size * cfg.num_workers:
+        raise InputError(
+            f"prior preservation needs class images; {where} has {cache.num_rows} rows, one step needs "
+            f"batch_size x num_workers = {cfg.batch_size * cfg.num_workers}"
+        )
+    fields = ("latent_shape", "text_embeds_shape", "has_std", "vae_scaling_factor", "resolution")
+    diffs = [
+        f"{k} {getattr(cache.info, k)} vs {getattr(info, k)}"
+        for k in fields
+        if getattr(cache.info, k) != getattr(info, k)
+    ]
+    if diffs:
+        raise InputError(
+            f"{where} was preprocessed differently from train.data ({'; '.join(diffs)}); "
+            "preprocess instance and class images with the same settings"
+        )
+    return cache
+
+
+def _trainer(spec: RunSpec, datasets: dict[str, Any]):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -99,7 +125,7 @@ def _trainer(spec: RunSpec, dataset: Any):
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest),
     )
 
@@ -134,6 +160,7 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
     cfg = dataclasses.replace(
         cfg,
         data=storage.absolute(cfg.data),
+        class_data=storage.absolute(cfg.class_data) if cfg.class_data else "",
         output=output,
         storage_path=storage.absolute(cfg.storage_path or storage.join(output, "ray")),
     )
@@ -141,12 +168,16 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
     ensure_ray()
 
     # 2. Open the cache and refuse one made for another model or too small for one step.
-    cache = open_cache(cfg.data, expected_cache(cfg, model_cfg))
+    expected = expected_cache(cfg, model_cfg)
+    cache = open_cache(cfg.data, expected)
     needed = cfg.batch_size * cfg.num_workers
     if cache.num_rows < needed:
         raise InputError(
             f"{cfg.data}: {cache.num_rows} rows, but one step needs batch_size x num_workers = {needed}"
         )
+    datasets = {"train": cache.dataset}
+    if cfg.class_data:
+        datasets[CLASS_DATASET] = open_class_cache(cfg, expected, cache.info).dataset
     cfg.loss_config(_arch(model_cfg, "scheduler"))  # an objective that misfits the schedule fails here
     spec = RunSpec(train=cfg, model=model_cfg, info=cache.info)
     storage.write_bytes(
@@ -156,8 +187,9 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
     # 3. Fit; Ray restarts failed workers from the last checkpoint (FailureConfig).
     diverged_uri = storage.join(output, DIVERGED_FILE)
     _remove(diverged_uri)  # left by an earlier attempt; this one resumes from its last good checkpoint
-    dataset = cache.dataset.materialize() if cfg.materialize else cache.dataset
-    result = _trainer(spec, dataset).fit()
+    if cfg.materialize:
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    result = _trainer(spec, datasets).fit()
     latest = result.checkpoint
     if storage.exists(diverged_uri):
         _raise_diverged(diverged_uri, result)
