@@ -3,6 +3,9 @@
 sdray generate --prompt "a large red circle in the top left" --seed 1 --out x.png        # tiny preset
 sdray generate --model runs/exp1/model --prompt "..." --steps 30 --scheduler dpmpp_2m --size 512x512 --out x.png
     --n 4 writes x-0.png .. x-3.png with seeds seed, seed+1, ...; no --seed draws one and prints it.
+sdray generate --model BASE --lora runs/style/lora:0.8 --lora runs/dog/lora --prompt "..." --out x.png
+    --lora DIR[:SCALE] applies a LoRA directory (pytorch_lora_weights.safetensors) to the base model at
+    SCALE (default 1); repeatable. docs/finetune.md has the workflow.
     Defaults (steps, guidance, scheduler) and limits come from the `serve` section (docs/config.md).
 """
 
@@ -28,18 +31,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance-scale", dest="guidance_scale", type=float)
     parser.add_argument("--scheduler", choices=SCHEDULER_NAMES)
     parser.add_argument(
+        "--lora", action="append", default=[], metavar="DIR[:SCALE]", help="LoRA adapter (repeatable)"
+    )
+    parser.add_argument(
         "--out", required=True, help="output .png (several images: out-0.png, out-1.png, ...)"
     )
     args = parser.parse_args(argv)
 
     def body() -> None:
         from sdray.models.components import load_components
+        from sdray.models.lora import LoraSpec
         from sdray.serve.sampler import Sampler, generate_files
         from sdray.serve.schemas import parse_images_request
 
         cfg = load_config(args, flag_overrides(args, {"model": "model.path"}))
         fields = {name: getattr(args, name) for name in REQUEST_FIELDS if getattr(args, name) is not None}
-        sampler = Sampler(load_components(cfg.model), source=cfg.model.source)
+        loras = [LoraSpec.parse(text) for text in args.lora]
+        sampler = Sampler(load_components(cfg.model), source=cfg.model.source, loras=loras)
         req = parse_images_request(fields).to_generation(cfg.serve, sampler.info)
         for path, seed in zip(generate_files(sampler, req, cfg.serve, args.out), req.seeds, strict=True):
             print(f"wrote {path} ({req.width}x{req.height}, seed {seed}, {req.steps} steps {req.scheduler})")

@@ -4,6 +4,8 @@ sdray train --data runs/cache --out runs/tiny                        # tiny pres
 sdray train --data runs/cache --out runs/tiny --workers 2 --steps 200
     Outputs in --out: metrics.jsonl, loss_curve.png, validation/step-*.png, model/ (diffusers format, EMA
     UNet), ray/train/checkpoint-step-* (the last train.keep_checkpoints). Rerun the same command to resume.
+sdray train --data runs/cache --out runs/lora --set model.path=BASE --set train.lora.enabled=true
+    LoRA on a pretrained model: only the adapter trains; lora/ replaces model/ (docs/finetune.md).
 On a cluster (GPUs, object storage; RAY_ADDRESS is set by `ray job submit`):
     ray job submit --working-dir . -- python -m pipelines.train --config sd15 \
         --data s3://bucket/cache --out s3://bucket/runs/sd15 --workers 8 --set train.use_gpu=true
@@ -41,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
             f"trained to step {result.step} (loss {loss:.4f})" if loss is not None else f"step {result.step}"
         )
         print(f"run: {result.output}\ncheckpoint: {result.checkpoint}")
-        if result.model:
-            print(f"model: {result.model}")
+        for kind, path in (("model", result.model), ("lora", result.lora)):
+            if path:
+                print(f"{kind}: {path}")
 
     return run(body, verbose=args.verbose)
 

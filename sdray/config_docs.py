@@ -59,12 +59,21 @@ def render() -> str:
             "| key | default | meaning |",
             "|---|---|---|",
         ]
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            default = _format_default(defaults[section.name][f.name])
-            lines.append(f"| `{section.name}.{f.name}` | {default} | {docs.get(f.name, '')} |")
+        lines += _rows(cls, section.name, defaults[section.name])
         lines.append("")
     return "\n".join(lines)
+
+
+def _rows(cls: type, prefix: str, defaults: dict[str, Any]) -> list[str]:
+    """One table row per field; a nested config section (e.g. `train.lora`) gets a row per field of its own."""
+    docs, rows = field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        value = getattr(cls(), f.name)
+        if dataclasses.is_dataclass(value):
+            rows += _rows(type(value), f"{prefix}.{f.name}", defaults[f.name])
+            continue
+        rows.append(f"| `{prefix}.{f.name}` | {_format_default(defaults[f.name])} | {docs.get(f.name, '')} |")
+    return rows
 
 
 if __name__ == "__main__":

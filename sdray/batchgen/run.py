@@ -53,6 +53,27 @@ def model_info(model_cfg: ModelConfig) -> tuple[ModelInfo, Any]:
     return info, tokenizer
 
 
+def check_loras(model_cfg: ModelConfig, specs: tuple[str, ...]) -> None:
+    """Refuse a missing LoRA directory or weights file, or an adapter for another base, in the driver
+    (a weightless meta-device UNet), before any actor starts: there it would be a remote traceback."""
+    if not specs:
+        return
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from sdray.models.lora import LoraSpec, check_fits, weights_file
+    from sdray.train.run import _arch
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(_arch(model_cfg, "unet"))
+    for spec in (LoraSpec.parse(text) for text in specs):
+        file = weights_file(spec.path)
+        state, _ = StableDiffusionPipeline.lora_state_dict(
+            str(file.parent), weight_name=file.name, use_safetensors=True, local_files_only=True
+        )
+        check_fits(unet, state, str(file))
+
+
 def _check_source(out: OutputDir, source: dict[str, Any]) -> None:
     """Images of one output directory come from one model and LoRA set; refuse to mix them on resume."""
     text = out.read_text(SOURCE_FILE)
@@ -139,6 +160,7 @@ def run_batch_generate(cfg: PipelineConfig) -> dict[str, Any]:
     out = OutputDir(gen.output)
     fs, files = resolve_prompt_files(gen.prompts)
     info, tokenizer = model_info(cfg.model)
+    check_loras(cfg.model, gen.loras)
     checks = RowChecks(
         defaults=gen,
         info=info,

@@ -51,6 +51,7 @@ class SamplerActor:
         self, *, model: dict[str, Any], loras: list[str], batch_size: int, threads: int = 0, actors: int = 1
     ) -> None:
         from sdray.models.components import load_components
+        from sdray.models.lora import LoraSpec
         from sdray.serve.sampler import Sampler
 
         model_cfg = from_dict(ModelConfig, model, where="model")
@@ -62,8 +63,8 @@ class SamplerActor:
             source=model_cfg.source,
             device="cuda" if cuda else "cpu",
             dtype="float16" if cuda else "float32",
+            loras=[LoraSpec.parse(text) for text in loras],
         )
-        apply_loras(self.sampler, loras)
         self.batch_size = batch_size
         log.info("sampler actor: %s on %s, loras %s", model_cfg.source, self.sampler.device, loras)
 
@@ -77,15 +78,6 @@ class SamplerActor:
         pngs = np.empty(n, dtype=object)
         pngs[:] = [to_png(per_request[0]) for per_request in images]
         return {**batch, "png": pngs, "sample_s": np.full(n, (time.perf_counter() - start) / max(n, 1))}
-
-
-def apply_loras(sampler: Any, specs: list[str]) -> None:
-    """Load ``DIR[:SCALE]`` adapters into the sampler (the library sampler's LoRA API)."""
-    if not specs:
-        return
-    from sdray.serve.lora import load_loras  # the `lora` branch's loader
-
-    load_loras(sampler, specs)
 
 
 def _shard_name(unit: str, ids: list[str]) -> str:

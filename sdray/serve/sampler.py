@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import io
 import logging
+from collections.abc import Sequence
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from PIL import Image
 from sdray.errors import InputError
 from sdray.io import atomic_write_bytes
 from sdray.models.components import SDComponents
+from sdray.models.lora import LoraSpec, load_loras
 from sdray.serve.config import SCHEDULER_NAMES, ServeConfig
 from sdray.serve.request import GenerationRequest, ModelInfo, check_request
 
@@ -69,20 +71,31 @@ def to_png(image: np.ndarray) -> bytes:
 
 
 class Sampler:
-    """Loads nothing itself: wraps ready components (``load_components``) in a diffusers pipeline."""
+    """Wraps ready components (``load_components``) in a diffusers pipeline, with optional LoRA adapters.
 
-    def __init__(
-        self, components: SDComponents, *, source: str = "", device: str = "cpu", dtype: str = "float32"
+    ``loras`` are loaded into the components' own UNet (peft layers added in place, so the components must
+    not be shared with another sampler) and applied at their scales to every image.
+    """
+
+    def __init__(  # noqa: PLR0913 - keyword-only options
+        self,
+        components: SDComponents,
+        *,
+        source: str = "",
+        device: str = "cpu",
+        dtype: str = "float32",
+        loras: Sequence[LoraSpec] = (),
     ) -> None:
         self.pipe = components.pipeline().to(device)
         if dtype != "float32":  # a GPU option (ServeConfig refuses it on CPU)
             self.pipe.to(dtype=_DTYPES[dtype])
+        load_loras(self.pipe, list(loras))
         self.pipe.set_progress_bar_config(disable=True)
         self.device = torch.device(device)
         self.tokenizer = components.tokenizer
         vae_factor = self.pipe.vae_scale_factor
         self.info = ModelInfo(
-            source=source or "unknown",
+            source=" + ".join([source or "unknown", *(f"lora {spec}" for spec in loras)]),
             native_size=int(self.pipe.unet.config.sample_size) * vae_factor,
             size_multiple=vae_factor,
             max_tokens=int(self.tokenizer.model_max_length),

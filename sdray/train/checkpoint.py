@@ -3,7 +3,8 @@
 Layout of one checkpoint (Ray merges the files every rank reports into one directory):
 
     training_state.pt    shared TrainingState.state_dict() (rank 0): unet, optimizer, lr schedule, EMA, step,
-                         data position, metric history
+                         data position, metric history (with train.lora: the adapter's weights, optimizer
+                         state and EMA only)
     rng-rank{R}.pt       each rank's RNG states
     run.yaml             the resolved train + model config
     cache_info.json      CacheInfo of the data trained on
@@ -95,7 +96,7 @@ def load_into(directory: str | Path, state: TrainingState, rank: int, *, origin:
     shared = _load(directory / STATE_FILE, f"{origin}/{STATE_FILE}", device)
     rng_path = directory / rng_file(rank)
     rng = _load(rng_path, f"{origin}/{rng_file(rank)}", "cpu") if rng_path.is_file() else None
-    state.load_state_dict(shared, rng)
+    state.load_state_dict(shared, rng, origin=f"{origin}/{STATE_FILE}")
     if rng is None:  # the run was resumed with more workers than it was saved with
         log.warning("rank %d: no RNG state in %s; reseeding from the step", rank, origin)
         state.generator.manual_seed(state.step * 7919 + rank)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sdray.errors import ConfigError
@@ -11,6 +11,7 @@ from sdray.errors import ConfigError
 PredictionType = Literal["", "epsilon", "v_prediction"]
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+LoraInit = Literal["gaussian", "default"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -22,6 +23,42 @@ class LossConfig:
     noise_offset: float = 0.0
     caption_dropout: float = 0.0
     sample_posterior: bool = True
+
+
+@dataclass(kw_only=True, frozen=True)
+class LoraConfig:
+    """`train.lora`: train low-rank adapters on the UNet (peft) instead of all of its weights."""
+
+    enabled: bool = False
+    """Train LoRA adapters only (the UNet's own weights stay frozen); the run exports `<output>/lora`."""
+    rank: int = 4
+    """Rank r of each adapter (A: r x in, B: out x r); the update is (alpha / r) * B @ A."""
+    alpha: float = 0.0
+    """LoRA alpha (scale = alpha / rank); 0 means alpha = rank (scale 1), as diffusers' training script."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (peft lora_dropout)."""
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """UNet modules that get adapters: a name matches a module whose dotted path ends with it (peft's rule)."""
+    init: LoraInit = "gaussian"
+    """Adapter init: `gaussian` (A normal with std 1/r, diffusers' choice) or `default` (peft's Kaiming-uniform A);
+    B starts at zero either way, so step 0 is the base model."""
+    kohya: bool = False
+    """Also export `pytorch_lora_weights_kohya.safetensors` (the layout AUTOMATIC1111 and ComfyUI read)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"rank must be >= 1, got {self.rank}")
+        if self.alpha < 0:
+            raise ConfigError(f"alpha must be >= 0 (0 = rank), got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules or not all(self.target_modules):
+            raise ConfigError("target_modules must name at least one module (and no empty names)")
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: the factor of the adapter's update."""
+        return (self.alpha or self.rank) / self.rank
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -118,6 +155,8 @@ class TrainConfig:
     """Export a diffusers model directory to `<output>/model` at the end."""
     export_ema: bool = True
     """Export the EMA weights (else the raw weights)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA fine-tuning (off by default); docs/finetune.md."""
 
     def __post_init__(self) -> None:
         positive = ("num_workers", "cpus_per_worker", "torch_threads", "batch_size", "grad_accum_steps")

@@ -1,8 +1,10 @@
-"""Export a training checkpoint as a diffusers-format model directory (safetensors).
+"""Export a training checkpoint as a diffusers-format model directory, or a LoRA directory (safetensors).
 
-The directory holds the trained UNet (EMA weights by default) plus the frozen tokenizer, text encoder, VAE
-and a noise scheduler whose prediction type matches the training target, so `StableDiffusionPipeline
-.from_pretrained(dir)` and the serving stage load it directly.
+A full fine-tuning run's directory holds the trained UNet (EMA weights by default) plus the frozen
+tokenizer, text encoder, VAE and a noise scheduler whose prediction type matches the training target, so
+`StableDiffusionPipeline.from_pretrained(dir)` and the serving stage load it directly. A LoRA run's
+(`train.lora.enabled`) holds the adapter only (sdray.models.lora describes the files), which
+`StableDiffusionPipeline.from_pretrained(base).load_lora_weights(dir)` and `sdray generate --lora` apply.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import yaml
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
+from sdray.models import lora as lora_files
 from sdray.models.components import load_components, save_components
-from sdray.train import checkpoint, storage
+from sdray.train import checkpoint, lora, storage
+from sdray.train.checkpoint import RunSpec
 from sdray.train.validation import FROZEN_PARTS
 
 log = logging.getLogger(__name__)
@@ -32,6 +36,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out_uri: str, *, use_ema: bool
     """
     spec = checkpoint.read_spec(checkpoint_dir)
     state = checkpoint.read_shared_state(checkpoint_dir)
+    if spec.train.lora.enabled:
+        return export_lora(spec, state, out_uri, use_ema=use_ema, origin=str(checkpoint_dir))
     components = load_components(spec.model, (*FROZEN_PARTS, "unet"))
     unet: UNet2DConditionModel = components.unet
     unet.load_state_dict(state["unet"])
@@ -47,6 +53,38 @@ def export_checkpoint(checkpoint_dir: str | Path, out_uri: str, *, use_ema: bool
         (local / TRAIN_INFO_FILE).write_text(yaml.safe_dump({**info, **spec.to_dict()}, sort_keys=False))
         storage.upload_dir(str(local), out_uri)
     log.info("exported step %d (%s weights) to %s", state["step"], info["weights"], out_uri)
+    return out_uri
+
+
+def export_lora(
+    spec: RunSpec, state: dict, out_uri: str, *, use_ema: bool = True, origin: str = "checkpoint"
+) -> str:
+    """Write the LoRA adapter of a checkpoint's shared ``state`` (EMA weights by default) to ``out_uri``.
+
+    The base UNet is rebuilt from the run's model config (on the CPU, fp32) only to carry the adapter.
+    """
+    unet = load_components(spec.model, ["unet"]).unet
+    params = lora.add_adapter(unet, spec.train.lora, seed=spec.train.seed)
+    lora.load_adapter_state_dict(unet, state["unet"], origin=origin)
+    ema = use_ema and state["ema"] is not None
+    if ema:
+        shadow = EMAModel(params)
+        shadow.load_state_dict(state["ema"])
+        shadow.copy_to(params)
+    info = {
+        "step": state["step"],
+        "weights": "ema" if ema else "raw",
+        "base_model": spec.model.source,
+        "trainable_parameters": sum(p.numel() for p in params),
+        **spec.to_dict(),
+    }
+    with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp:
+        local = lora.save_lora_dir(unet, Path(tmp), kohya=spec.train.lora.kohya)
+        (local / lora_files.INFO_FILE).write_text(yaml.safe_dump(info, sort_keys=False))
+        storage.upload_dir(str(local), out_uri)
+    log.info(
+        "exported the LoRA adapter of step %d (%s weights) to %s", state["step"], info["weights"], out_uri
+    )
     return out_uri
 
 

@@ -150,13 +150,13 @@ class StepRunner:
             total /= self.world
         state.scaler.unscale_(state.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.params, max_norm)
         if torch.isfinite(total):
             state.scaler.step(state.optimizer)
             state.scaler.update()
             state.lr_scheduler.step()
             if state.ema is not None:
-                state.ema.step(state.unet.parameters())
+                state.ema.step(state.params)
         state.optimizer.zero_grad(set_to_none=True)
         return float(total), float(grad_norm), waited
 

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 RUN_NAME = "train"
 CONFIG_FILE = "train_config.yaml"
 MODEL_DIR = "model"
+LORA_DIR = "lora"
 
 
 class TrainingDiverged(SdrayError):
@@ -44,7 +45,9 @@ class TrainResult:
     checkpoint: str | None
     """Path of the latest checkpoint inside the storage file system."""
     model: str | None
-    """The exported diffusers directory, if exported."""
+    """The exported diffusers model directory (full fine-tuning), if exported."""
+    lora: str | None
+    """The exported LoRA directory (`train.lora.enabled`), if exported."""
     metrics: dict[str, Any]
     """The metrics row of the last checkpointed step."""
 
@@ -102,6 +105,39 @@ def open_class_cache(cfg: TrainConfig, expected: ExpectedCache, info: Any) -> An
     return cache
 
 
+def check_lora(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """Refuse LoRA target modules the UNet lacks, on a weightless (meta device) UNet; no-op without LoRA."""
+    if not cfg.lora.enabled:
+        return
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdray.train.lora import check_targets
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(_arch(model_cfg, "unet"))
+    check_targets(unet, cfg.lora.target_modules)
+
+
+def _check_same_kind(output: str, cfg: TrainConfig) -> None:
+    """A run directory resumes only as what it is: LoRA with the same adapter shape, or full fine-tuning."""
+    uri = storage.join(output, CONFIG_FILE)
+    if not storage.exists(uri):
+        return
+    try:
+        before = RunSpec.from_dict(yaml.safe_load(storage.read_bytes(uri))).train.lora
+    except (SdrayError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return  # unreadable: Ray Train's own checkpoint is the authority on resume
+    now = cfg.lora
+    shape = ("enabled", "rank", "target_modules")
+    changed = [f"train.lora.{k}" for k in shape if getattr(before, k) != getattr(now, k)]
+    if changed:
+        raise ConfigError(
+            f"{output} holds a run trained with other {', '.join(changed)} ({uri}); "
+            "resume it with the same settings or choose another train.output"
+        )
+
+
 def _trainer(spec: RunSpec, datasets: dict[str, Any]):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -151,6 +187,21 @@ def _raise_diverged(status_uri: str, result: Any) -> None:
     )
 
 
+def _open_data(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[Any, dict[str, Any]]:
+    """(CacheInfo, Ray Train datasets): the cache, and DreamBooth's class cache when `class_data` is set."""
+    expected = expected_cache(cfg, model_cfg)
+    cache = open_cache(cfg.data, expected)
+    needed = cfg.batch_size * cfg.num_workers
+    if cache.num_rows < needed:
+        raise InputError(
+            f"{cfg.data}: {cache.num_rows} rows, but one step needs batch_size x num_workers = {needed}"
+        )
+    datasets = {"train": cache.dataset}
+    if cfg.class_data:
+        datasets[CLASS_DATASET] = open_class_cache(cfg, expected, cache.info).dataset
+    return cache.info, datasets
+
+
 def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
     """Train (or resume) the run in ``cfg.output`` and export the model; see docs/train.md."""
     # 1. Resolve paths: absolute local paths or URIs, the same strings on every node.
@@ -164,22 +215,15 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
         output=output,
         storage_path=storage.absolute(cfg.storage_path or storage.join(output, "ray")),
     )
+    check_lora(cfg, model_cfg)
+    _check_same_kind(output, cfg)
 
     ensure_ray()
 
-    # 2. Open the cache and refuse one made for another model or too small for one step.
-    expected = expected_cache(cfg, model_cfg)
-    cache = open_cache(cfg.data, expected)
-    needed = cfg.batch_size * cfg.num_workers
-    if cache.num_rows < needed:
-        raise InputError(
-            f"{cfg.data}: {cache.num_rows} rows, but one step needs batch_size x num_workers = {needed}"
-        )
-    datasets = {"train": cache.dataset}
-    if cfg.class_data:
-        datasets[CLASS_DATASET] = open_class_cache(cfg, expected, cache.info).dataset
+    # 2. Open the cache(s) and refuse one made for another model or too small for one step.
+    info, datasets = _open_data(cfg, model_cfg)
     cfg.loss_config(_arch(model_cfg, "scheduler"))  # an objective that misfits the schedule fails here
-    spec = RunSpec(train=cfg, model=model_cfg, info=cache.info)
+    spec = RunSpec(train=cfg, model=model_cfg, info=info)
     storage.write_bytes(
         storage.join(output, CONFIG_FILE), yaml.safe_dump(spec.to_dict(), sort_keys=False).encode()
     )
@@ -194,18 +238,20 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
     if storage.exists(diverged_uri):
         _raise_diverged(diverged_uri, result)
 
-    # 4. Export the final weights as a diffusers model directory.
-    model_uri = None
+    # 4. Export the final weights: a diffusers model directory, or the LoRA adapter's directory.
+    exported = None
     if cfg.export and latest is not None:
         from sdray.train.export import export_checkpoint
 
+        target = storage.join(output, LORA_DIR if cfg.lora.enabled else MODEL_DIR)
         with storage.checkpoint_files(latest) as directory:
-            model_uri = export_checkpoint(directory, storage.join(output, MODEL_DIR), use_ema=cfg.export_ema)
+            exported = export_checkpoint(directory, target, use_ema=cfg.export_ema)
     step = int(result.metrics.get("step", 0)) if result.metrics else 0
     return TrainResult(
         output=output,
         step=step,
         checkpoint=latest.path if latest else None,
-        model=model_uri,
+        model=None if cfg.lora.enabled else exported,
+        lora=exported if cfg.lora.enabled else None,
         metrics=dict(result.metrics or {}),
     )

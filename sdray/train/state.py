@@ -2,7 +2,8 @@
 
 The shared part (UNet, optimizer, LR schedule, EMA, gradient scaler, step, data position, metric history) is
 identical on every DDP rank; the RNG part (this worker's noise generator and torch's global RNG) differs per
-rank and is saved per rank.
+rank and is saved per rank. With `train.lora` only the adapter trains: the saved "unet" entry, the optimizer
+and the EMA then hold the adapter's weights alone (the frozen base is rebuilt from the model config).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, cast_training_params
 
+from sdray.errors import InputError
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
+from sdray.train import lora
 from sdray.train.config import TrainConfig
 
 
@@ -32,6 +35,8 @@ class StreamPosition:
 class TrainingState:
     unet: UNet2DConditionModel
     """The plain module (not the DDP wrapper), on the training device."""
+    params: list[torch.nn.Parameter]
+    """The parameters that train (all of the UNet's, or the LoRA adapter's): optimizer, EMA and clipping."""
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: EMAModel | None
@@ -51,11 +56,14 @@ class TrainingState:
     """One metrics row per completed step."""
     resumes: int = 0
     """How many times this run was resumed from a checkpoint (worker restarts and command restarts)."""
+    lora: bool = False
+    """Only a LoRA adapter trains; "unet" in the state dict is the adapter's weights."""
 
     def state_dict(self) -> dict[str, Any]:
         """Shared state; see `rng_state_dict` for the per-rank part."""
         return {
-            "unet": self.unet.state_dict(),
+            "unet": lora.adapter_state_dict(self.unet) if self.lora else self.unet.state_dict(),
+            "lora": self.lora,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -74,8 +82,18 @@ class TrainingState:
             state["cuda"] = torch.cuda.get_rng_state()
         return state
 
-    def load_state_dict(self, state: dict[str, Any], rng: dict[str, Any] | None = None) -> None:
-        self.unet.load_state_dict(state["unet"])
+    def load_state_dict(
+        self, state: dict[str, Any], rng: dict[str, Any] | None = None, *, origin: str = "checkpoint"
+    ) -> None:
+        if bool(state.get("lora", False)) != self.lora:
+            kinds = ("full fine-tuning", "a LoRA adapter")
+            raise InputError(
+                f"{origin}: saved by {kinds[not self.lora]} run, but train.lora.enabled is {self.lora}"
+            )
+        if self.lora:
+            lora.load_adapter_state_dict(self.unet, state["unet"], origin=origin)
+        else:
+            self.unet.load_state_dict(state["unet"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.ema is not None and state["ema"] is not None:
@@ -94,15 +112,36 @@ class TrainingState:
                 torch.cuda.set_rng_state(rng["cuda"])
 
 
-def build_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, rank: int) -> TrainingState:
-    """A fresh state: UNet from the model config (identical on every rank), AdamW, warmup schedule, EMA."""
-    torch.manual_seed(cfg.seed * 1000 + rank)  # global RNG: dropout, if the UNet has any
-    unet = load_components(model_cfg, ["unet"]).unet.to(device)
+def frozen_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """dtype of a LoRA run's frozen UNet weights: the autocast dtype on a GPU, else fp32."""
+    if device.type != "cuda" or cfg.mixed_precision == "no":
+        return torch.float32
+    return torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
+
+
+def _unet(
+    cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device
+) -> tuple[UNet2DConditionModel, list[torch.nn.Parameter]]:
+    """The UNet on ``device`` in train mode, and its parameters that train (with LoRA: the adapter's)."""
+    unet = load_components(model_cfg, ["unet"]).unet
+    if cfg.lora.enabled:
+        # Frozen weights only run forward: half precision on a GPU halves their memory; adapters stay fp32.
+        unet.to(device, dtype=frozen_dtype(cfg, device))
+        lora.add_adapter(unet, cfg.lora, seed=cfg.seed)
+        cast_training_params(unet, dtype=torch.float32)
+    unet.to(device)
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    return unet, lora.trained_parameters(unet)
+
+
+def build_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, rank: int) -> TrainingState:
+    """A fresh state: UNet (identical on every rank; LoRA-adapted if configured), AdamW, LR schedule, EMA."""
+    torch.manual_seed(cfg.seed * 1000 + rank)  # global RNG: dropout, if the UNet has any
+    unet, params = _unet(cfg, model_cfg, device)
     optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
+        params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
     )
     lr_scheduler = get_scheduler(
         cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
@@ -110,11 +149,9 @@ def build_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, 
     ema = None
     if cfg.ema:
         ema = EMAModel(
-            unet.parameters(),
+            params,
             decay=cfg.ema_decay,
             use_ema_warmup=cfg.ema_warmup,
-            model_cls=UNet2DConditionModel,
-            model_config=unet.config,
         )
         ema.to(device)
     scaler = torch.amp.GradScaler(
@@ -122,5 +159,12 @@ def build_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, 
     )
     generator = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + 17 + rank)
     return TrainingState(
-        unet=unet, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, scaler=scaler, generator=generator
+        unet=unet,
+        params=params,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        ema=ema,
+        scaler=scaler,
+        generator=generator,
+        lora=cfg.lora.enabled,
     )

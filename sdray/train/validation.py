@@ -26,10 +26,14 @@ FROZEN_PARTS = ("tokenizer", "text_encoder", "vae", "scheduler")
 
 
 def ema_unet(unet: UNet2DConditionModel, ema: EMAModel | None) -> UNet2DConditionModel:
-    """A copy of ``unet`` in eval mode holding the EMA weights (the raw weights when there is no EMA)."""
-    copy_ = copy.deepcopy(unet).eval()
+    """A copy of ``unet`` in eval mode and fp32 holding the EMA weights (the raw weights when there is no EMA).
+
+    The EMA covers the parameters that train (all, or a LoRA adapter's), matched by name in the copy.
+    """
+    trained = {name for name, p in unet.named_parameters() if p.requires_grad}
+    copy_ = copy.deepcopy(unet).float().eval()  # a LoRA run's frozen weights may be half precision
     if ema is not None:
-        ema.copy_to(copy_.parameters())
+        ema.copy_to([p for name, p in copy_.named_parameters() if name in trained])
     return copy_
 
 
