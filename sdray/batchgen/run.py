@@ -16,17 +16,15 @@ import time
 from typing import Any
 
 import pyarrow as pa
-import ray
 from tqdm import tqdm
 
 from sdray.batchgen.prompts import RowChecks, load_prompt_file, resolve_prompt_files, rows_table
-from sdray.batchgen.stages import SamplerActor, write_images
 from sdray.cluster import ensure_ray
-from sdray.config import dump_yaml, to_dict
+from sdray.config import dump_yaml
 from sdray.errors import ConfigError
 from sdray.models.config import ModelConfig
 from sdray.pipeline_config import PipelineConfig
-from sdray.preprocess.dataset import encoder_gpus
+from sdray.preprocess.dataset import build_generation_dataset
 from sdray.preprocess.manifest import CONFIG_FILE, SUMMARY_FILE, OutputDir, totals
 from sdray.preprocess.run import Ledger, _pending
 from sdray.preprocess.stages import EVENT_SCHEMA
@@ -85,42 +83,6 @@ def _check_source(out: OutputDir, source: dict[str, Any]) -> None:
     out.put(SOURCE_FILE, json.dumps(source, indent=1).encode())
 
 
-def build_dataset(cfg: PipelineConfig, rows: pa.Table, out: OutputDir) -> ray.data.Dataset:
-    """Every Ray Data call of batch generation: rows -> sampler actors -> shard writer (events)."""
-    gen = cfg.batch_generate
-    total_cpus = ray.cluster_resources().get("CPU", 0.0)
-    if gen.concurrency * gen.num_cpus > total_cpus:
-        raise ConfigError(
-            f"the cluster has {total_cpus:g} CPUs but the sampler actors need {gen.concurrency * gen.num_cpus:g} "
-            "(batch_generate.concurrency x num_cpus); lower them or add nodes"
-        )
-    # One block per sampler batch, so every actor of the pool gets work from the first block on.
-    blocks = [rows.slice(i, gen.batch_size) for i in range(0, rows.num_rows, gen.batch_size)]
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
-        SamplerActor,
-        batch_format="numpy",
-        batch_size=gen.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=gen.concurrency),
-        num_cpus=gen.num_cpus,
-        num_gpus=encoder_gpus(gen.num_gpus),
-        fn_constructor_kwargs={
-            "model": to_dict(cfg.model),
-            "loras": list(gen.loras),
-            "batch_size": gen.batch_size,
-            "threads": gen.threads,
-            "actors": gen.concurrency,
-        },
-    )
-    return ds.map_batches(
-        write_images,
-        batch_format="numpy",
-        batch_size=gen.rows_per_shard,
-        num_cpus=0,  # mostly I/O: never wait behind the samplers for a CPU
-        fn_kwargs={"out": out, "model": cfg.model.source},
-    )
-
-
 def _reject_events(rejected: list[dict[str, str]]) -> pa.Table:
     rows = [
         {"unit": r["input"], "kind": "reject", "name": r["id"], "rows": 0, "reason": r["reason"],
@@ -141,7 +103,7 @@ def _process(cfg: PipelineConfig, out: OutputDir, pending: list, loaded: dict[st
     if good:
         ensure_ray()
         with tqdm(total=len(good), desc="batch-generate", unit="img") as progress:
-            for events in build_dataset(cfg, rows_table(good), out).iter_batches(
+            for events in build_generation_dataset(cfg, rows_table(good), out).iter_batches(
                 batch_size=None, batch_format="pyarrow"
             ):
                 ledger.add(events)
