@@ -89,6 +89,24 @@ def class_prompt_lines(db: DreamBoothConfig) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
+def _put_if_changed(work: OutputDir, name: str, data: bytes) -> None:
+    """Rewrite a generated input only when its content changes: preprocessing and batch generation treat a
+    rewritten file (new mtime) as changed, which would refuse the resume."""
+    path = work._path(name)
+    if work.fs.get_file_info(path).type == pafs.FileType.NotFound:
+        work.put(name, data)
+        return
+    with work.fs.open_input_file(path) as f:
+        if f.readall() != data:
+            work.put(name, data)
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
 def _preprocess(cfg: PipelineConfig, source: str, target: str) -> dict[str, Any]:
     from sdray.preprocess.run import run_preprocess
 
@@ -103,7 +121,7 @@ def _class_images(cfg: PipelineConfig, work: OutputDir) -> dict[str, Any]:
     """Generate the class images from the base model; refuse a run where none came out."""
     from sdray.batchgen.run import run_batch_generate
 
-    work.put(CLASS_PROMPTS, class_prompt_lines(cfg.dreambooth))
+    _put_if_changed(work, CLASS_PROMPTS, class_prompt_lines(cfg.dreambooth))
     gen = dataclasses.replace(
         cfg.batch_generate,
         prompts=storage.join(work.uri, CLASS_PROMPTS),
@@ -127,7 +145,7 @@ def run_dreambooth(cfg: PipelineConfig) -> dict[str, Any]:
     db.check()
     work = OutputDir(db.output)
     instance = instance_table(db, cfg.preprocess.image_column)
-    work.write_shard(f"{INSTANCE_DIR}/part-00000.parquet", instance)
+    _put_if_changed(work, f"{INSTANCE_DIR}/part-00000.parquet", _table_bytes(instance))
     summary: dict[str, Any] = {"instance_images": instance.num_rows}
     train = dataclasses.replace(
         cfg.train,
