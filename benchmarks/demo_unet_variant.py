@@ -1,7 +1,7 @@
 """Retrain only the UNet of a finished demo run with other train settings, then sample and score it the same way.
 
     .venv/bin/python benchmarks/demo_unet_variant.py --run runs/demo --out runs/demo-v \
-        --set train.prediction_type=v_prediction
+        --set train.loss.prediction_type=v_prediction
     # writes OUT/report/ like `sdray demo` and benchmarks/results/demo_variant_<name>.json with --name
 
     .venv/bin/python benchmarks/demo_unet_variant.py --run runs/demo --out runs/demo-step500 \
@@ -21,7 +21,8 @@ from pathlib import Path
 
 from sdray.demo import DemoOptions, demo_config
 from sdray.demo.report import write_report
-from sdray.demo.run import DemoRun, ensure_ray, prepare_output, stage_evaluate, stage_generate, stage_train
+from sdray.demo.results import DataResult, DemoRun, UnetResult, VaeResult
+from sdray.demo.run import ensure_ray, prepare_output, stage_evaluate, stage_generate, stage_train
 
 
 def main() -> None:
@@ -45,10 +46,10 @@ def main() -> None:
     for part in ("data", "model", "cache"):
         (run.out / part).symlink_to(source / part)
     vae = json.loads((source / "vae" / "metrics.json").read_text())
-    run.results["data"] = {"images": run.cfg.synth.num_images, "held_out": run.cfg.synth.held_out}
-    run.results["vae"] = {"psnr_db": vae["psnr"], "steps": vae["steps"], "train_seconds": vae["train_seconds"],
-                          "scaling_factor": vae["scaling_factor"], "history": vae["history"]}  # fmt: skip
-    run.results["preprocess"] = json.loads((source / "cache" / "_summary.json").read_text())
+    run.results.data = DataResult(images=run.cfg.synth.num_images, held_out=run.cfg.synth.held_out)
+    run.results.vae = VaeResult(psnr_db=vae["psnr"], steps=vae["steps"], train_seconds=vae["train_seconds"],
+                                scaling_factor=vae["scaling_factor"], history=vae["history"])  # fmt: skip
+    run.results.preprocess = json.loads((source / "cache" / "_summary.json").read_text())
     for name in ("data", "vae", "preprocess"):  # reused from RUN, not rerun
         run.stage_s[f"{name} (reused)"] = 0.0
     run.load_avg["start"] = [round(x, 2) for x in os.getloadavg()]
@@ -61,8 +62,8 @@ def main() -> None:
 
         step = yaml.safe_load((Path(args.model) / "sdray_train.yaml").read_text())["step"]
         history = [r for r in read_metrics(str(source / "train")) if r["step"] <= step]
-        run.results["unet"] = {"steps": step, "model": str(Path(args.model).absolute()),
-                               "final_loss": history[-1]["loss"], "history": history}  # fmt: skip
+        run.results.unet = UnetResult(steps=step, model=str(Path(args.model).absolute()),
+                                      final_loss=history[-1]["loss"], history=history)  # fmt: skip
         stages = stages[1:]
     for name, stage in stages:
         start = time.perf_counter()

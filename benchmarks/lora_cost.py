@@ -75,7 +75,7 @@ def measure(args: argparse.Namespace, lora: bool) -> dict:
     scheduler = load_components(model_cfg, ["scheduler"]).scheduler
     info, raw = _batch(args.preset, args.resolution, args.batch)
     raw = {k: v.to(device) for k, v in raw.items()}
-    loss_cfg = cfg.loss_config(scheduler.config)
+    loss_cfg = cfg.loss.resolve(scheduler.config)
     empty = torch.zeros(info.text_embeds_shape, device=device)
 
     def step() -> None:

@@ -85,7 +85,8 @@ def compare(args: argparse.Namespace) -> dict:
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
     optimizer = opt_cls(parts.unet.parameters(), lr=1e-5)
     info, raw, pixels, tokens = _inputs(parts, batch, resolution)
-    loss_cfg, generator = LossConfig(), torch.Generator().manual_seed(0)
+    loss_cfg = LossConfig().resolve(parts.scheduler.config)
+    generator = torch.Generator().manual_seed(0)
 
     def cached():
         _step(parts, optimizer, raw, info, generator, loss_cfg)

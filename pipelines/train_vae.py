@@ -6,8 +6,8 @@ Cluster:  ray job submit --working-dir . -- python -m pipelines.train_vae --conf
 Writes OUT/vae/ (AutoencoderKL.from_pretrained loads it; scaling factor measured on the data),
 OUT/metrics.json (loss and held-out PSNR history), OUT/config.yaml and Ray Train checkpoints in OUT/ray/.
 --model-dir also writes a full diffusers model directory: this VAE plus the config's text encoder, tokenizer,
-UNet and scheduler; point `model.path` at it for preprocessing and UNet training (with a preset that has size
-overrides, clear them: --set model.path=DIR --set 'model.vae={}' --set 'model.unet={}' --set 'model.text_encoder={}').
+UNet and scheduler; point `model.path` at it for preprocessing and UNet training (--set model.path=DIR: the
+directory's architecture replaces the config's size overrides).
 Skip this stage when you have a pretrained VAE for your image domain (see docs/demo.md).
 """
 

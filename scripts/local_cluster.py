@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -35,10 +36,10 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from sdray import storage
 from sdray.data.synth import SynthConfig, write_synth
 from sdray.pipeline_config import PipelineConfig, load_pipeline_config
 from sdray.preprocess.manifest import OutputDir
-from sdray.train import storage
 
 log = logging.getLogger("local_cluster")
 STEPS = 16
@@ -66,7 +67,7 @@ def make_input(data: str, workdir: Path, rows: int, files: int) -> str:
     synth = SynthConfig(num_images=rows, resolution=64, rows_per_shard=rows // files)
     local = write_synth(synth, workdir / "synth" if "://" in data else Path(data))
     if "://" in data:
-        storage.upload_dir(str(local), data)
+        storage.publish_dir(str(local), data)
     return data if "://" in data else str(local)
 
 
@@ -121,21 +122,27 @@ def preprocess(cfg: PipelineConfig, cluster, nodes, node_args, *, kill: bool) ->
     """Stage 1, with an optional node kill; reruns (resume) until done, at most 3 attempts."""
     from sdray.preprocess.run import run_preprocess
 
-    killed, errors = False, []
+    killed, errors, at_kill = False, [], {}
+
+    def victim():  # the encoder actor's node; records how many input files were committed at that moment
+        node = next(iter(actor_nodes(nodes, "MapWorker")), None)
+        if node is not None:
+            at_kill["committed"] = len(OutputDir(cfg.preprocess.output).done())
+        return node
+
     for _attempt in range(3):
         thread, outcome = in_thread(run_preprocess, cfg)
         if kill and not killed:
-            killed = kill_when(
-                lambda: next(iter(actor_nodes(nodes, "MapWorker")), None),
-                thread,
-                cluster,
-                nodes,
-                node_args,
-                timeout=300,
-            )
+            killed = kill_when(victim, thread, cluster, nodes, node_args, timeout=300)
         thread.join()
         if "result" in outcome:
-            return {**outcome["result"], "node_killed": killed, "attempts": len(errors) + 1, "errors": errors}
+            result = {
+                **outcome["result"],
+                "node_killed": killed,
+                "attempts": len(errors) + 1,
+                "errors": errors,
+            }
+            return {**result, "committed_at_kill": at_kill.get("committed")}
         errors.append(f"{type(outcome['error']).__name__}: {str(outcome['error'])[:300]}")
         log.warning("preprocess attempt failed (%s); rerunning resumes it", errors[-1])
     raise RuntimeError(f"preprocess failed 3 times: {errors}")
@@ -165,24 +172,35 @@ def train(cfg: PipelineConfig, cluster, nodes, node_args, *, kill: bool) -> dict
     run_dir = cfg.train.output
     fs, ray_dir = storage.resolve(storage.join(run_dir, "ray", "train"))
 
-    def has_checkpoint() -> bool:  # registered by Ray Train (in its snapshot), not just uploaded
+    def has_checkpoint() -> int:  # the step of the last checkpoint Ray Train registered (0: none yet)
         snapshot = f"{ray_dir}/checkpoint_manager_snapshot.json"
         if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
-            return False
+            return 0
         with fs.open_input_stream(snapshot) as f:
             try:
-                return bool(json.loads(f.read()).get("checkpoint_results"))
+                text = f.read().decode()
+                json.loads(text)
             except ValueError:  # caught mid-write
-                return False
+                return 0
+        steps = [int(m) for m in re.findall(r"checkpoint-step-(\d{8})", text)]
+        return max(steps, default=0)
+
+    def logged_step() -> int:  # the last step in metrics.jsonl (train.log_every=1: appended every step)
+        uri = storage.join(run_dir, "metrics.jsonl")
+        rows = storage.read_bytes(uri).decode().splitlines() if storage.exists(uri) else []
+        return json.loads(rows[-1])["step"] if rows else 0
 
     thread, outcome = in_thread(run_training, cfg.train, cfg.model)
     spread: list[int] = []
+    at_kill: dict[str, int] = {}
 
-    def victim():  # a node running a training worker, once the first checkpoint exists
-        if not has_checkpoint():
+    def victim():  # a node running a training worker, once steps past the first checkpoint are in flight
+        checkpointed = has_checkpoint()
+        if not checkpointed or logged_step() <= checkpointed:
             return None
         hosts = actor_nodes(nodes, "RayTrainWorker")
         spread.append(len(hosts))
+        at_kill.update(step=logged_step(), checkpoint=checkpointed)
         return hosts[0] if hosts else None
 
     killed = kill_when(victim, thread, cluster, nodes, node_args, timeout=300) if kill else False
@@ -199,6 +217,12 @@ def train(cfg: PipelineConfig, cluster, nodes, node_args, *, kill: bool) -> dict
         state = checkpoint.read_shared_state(d)
     return {
         "step": result.step,
+        "step_at_kill": at_kill.get("step"),
+        "checkpoint_at_kill": at_kill.get("checkpoint"),
+        "logged_steps": [
+            json.loads(r)["step"]
+            for r in storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).decode().splitlines()
+        ],
         "resumes": state["resumes"],
         "node_killed": killed,
         "worker_nodes": spread[-1] if spread else None,
@@ -228,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "preprocess.decode_batch_size=8", "preprocess.encode_batch_size=8", "preprocess.rows_per_shard=8",
         f"train.data={storage.join(out, 'cache')}", f"train.output={storage.join(out, 'train')}",
         "train.num_workers=2", "train.cpus_per_worker=2", "train.batch_size=4", f"train.max_steps={STEPS}",
-        f"train.checkpoint_every={CHECKPOINT_EVERY}",
+        f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.log_every=1",
         "train.max_failures=2",
     ])  # fmt: skip
     cluster, nodes, node_args = start_cluster()
@@ -242,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows_in": pre["rows_in"], "rows_written": pre["rows_written"], "rows_rejected": pre["rows_rejected"],
             "shard_rows": rows, "distinct_ids": distinct, "preprocess_attempts": pre["attempts"],
             "preprocess_errors": pre["errors"], "preprocess_node_killed": pre["node_killed"],
+            "preprocess_committed_at_kill": pre["committed_at_kill"],
             "preprocess_s": round(pre_s, 1), "train_s": round(time.perf_counter() - start - pre_s, 1),
             "expected_steps": STEPS, **{f"train_{k}": v for k, v in trained.items()},
         }  # fmt: skip

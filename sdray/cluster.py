@@ -39,18 +39,26 @@ def ensure_ray() -> None:
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
     address = os.environ.get("RAY_ADDRESS", "local")
-    # Ray Train workers each reserve a logical CPU: on a 2-core machine two of them would leave none for
-    # Ray Data's read tasks and the job would wait forever. A private local Ray therefore advertises at
-    # least 4 logical CPUs (oversubscription is harmless: the workers mostly wait on each other).
     local = address == "local"
     if local:
         export_serve_fast_path()
-    num_cpus = max(4, 2 * (os.cpu_count() or 1)) if local else None
+    num_cpus = local_cpus(os.cpu_count() or 1) if local else None
     # No dashboard on a private Ray (start-up time and memory on small machines), hence no state API.
     runtime_env = {"worker_process_setup_hook": "sdray.cluster.quiet_ray_train_chatter"} if local else None
     ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
     if main and previous is not None:
         signal.signal(signal.SIGTERM, previous)
+
+
+def local_cpus(cores: int) -> int:
+    """Logical CPUs a private local Ray advertises on a machine with ``cores`` cores.
+
+    Ray Train workers each reserve a logical CPU: on a 2-core machine two of them would leave none for Ray
+    Data's read tasks and the job would wait forever, so small machines advertise at least 4 (harmless
+    oversubscription: the workers mostly wait on each other). Larger machines advertise their real cores:
+    doubling them would run twice as many decode tasks as there are cores.
+    """
+    return max(4, cores)
 
 
 def quiet_ray_train_chatter() -> None:

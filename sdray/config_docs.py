@@ -11,7 +11,7 @@ import inspect
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from sdray.config import to_dict
 from sdray.pipeline_config import PipelineConfig
@@ -59,18 +59,17 @@ def render() -> str:
             "| key | default | meaning |",
             "|---|---|---|",
         ]
-        lines += _rows(cls, section.name, defaults[section.name])
+        lines += _rows(section.name, cls, defaults[section.name])
         lines.append("")
     return "\n".join(lines)
 
 
-def _rows(cls: type, prefix: str, defaults: dict[str, Any]) -> list[str]:
-    """One table row per field; a nested config section (e.g. `train.lora`) gets a row per field of its own."""
-    docs, rows = field_docs(cls), []
+def _rows(prefix: str, cls: type, defaults: dict[str, Any]) -> list[str]:
+    """One table row per field; a field that is itself a config (e.g. `train.loss`) gives its fields' rows."""
+    docs, hints, rows = field_docs(cls), get_type_hints(cls), []
     for f in dataclasses.fields(cls):
-        value = getattr(cls(), f.name)
-        if dataclasses.is_dataclass(value):
-            rows += _rows(type(value), f"{prefix}.{f.name}", defaults[f.name])
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += _rows(f"{prefix}.{f.name}", hints[f.name], defaults[f.name])
             continue
         rows.append(f"| `{prefix}.{f.name}` | {_format_default(defaults[f.name])} | {docs.get(f.name, '')} |")
     return rows

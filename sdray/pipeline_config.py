@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sdray.batchgen.config import BatchGenerateConfig
 from sdray.config import apply_overrides, from_dict, load_yaml
 from sdray.data.synth import SynthConfig
 from sdray.dreambooth.config import DreamBoothConfig
 from sdray.errors import ConfigError
-from sdray.models.config import ModelConfig
+from sdray.models.config import ARCHITECTURE_PARTS, ModelConfig, saved_architecture
 from sdray.preprocess.config import PreprocessConfig
 from sdray.serve.config import ServeConfig
 from sdray.train.config import TrainConfig
@@ -63,6 +64,35 @@ def load_pipeline_config(
     path = resolve_config_path(name_or_path)
     data = apply_overrides(load_yaml(path), overrides or [])
     try:
+        _model_path_wins(data, overrides or [])
         return from_dict(PipelineConfig, data, where="")
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _model_path_wins(data: dict[str, Any], overrides: list[str]) -> None:
+    """With `model.path` set, the directory's architecture replaces the preset's size overrides in ``data``.
+
+    Overrides from the config file are dropped; ones given with ``--set`` are checked against the
+    directory's saved config and refused if they differ (they would be silently ignored otherwise).
+    """
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("path"):
+        return
+    explicit = apply_overrides({}, [o for o in overrides if o.strip().startswith("model.")]).get("model", {})
+    for part in ARCHITECTURE_PARTS:
+        given = explicit.get(part) or {}
+        if given:
+            saved = saved_architecture(str(model["path"]), part)
+            for key, value in given.items():
+                if key not in saved or _plain(saved[key]) != _plain(value):
+                    raise ConfigError(
+                        f"--set model.{part}.{key}={value!r} conflicts with model.path {model['path']}, whose "
+                        f"{part} has {key}: {saved.get(key, '(not set)')!r}; a model directory holds its own "
+                        "architecture: drop the override"
+                    )
+        model[part] = {}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -3,6 +3,7 @@
 import copy
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -49,5 +50,13 @@ def test_every_node_starts_ray_with_serves_fast_path():
 def test_validation_catches_mistakes(mutate):
     config = yaml.safe_load(CLUSTER_YAML.read_text())
     mutate(config)
-    with pytest.raises(Exception):  # noqa: B017 - Ray raises ValueError or jsonschema.ValidationError
+    with pytest.raises((ValueError, jsonschema.ValidationError)):  # Ray raises one or the other
         _validate(config)
+
+
+@pytest.mark.parametrize(("cores", "advertised"), [(1, 4), (2, 4), (4, 4), (8, 8), (64, 64)])
+def test_private_ray_keeps_small_machines_workable_without_doubling_big_ones(cores, advertised):
+    """2 cores need 4 logical CPUs (2 train workers + read tasks); 64 cores must not become 128 decode slots."""
+    from sdray.cluster import local_cpus
+
+    assert local_cpus(cores) == advertised

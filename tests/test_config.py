@@ -78,3 +78,16 @@ def test_config_reference_is_current():
         cls = type(getattr(PipelineConfig(), section.name))
         missing = set(cls.__dataclass_fields__) - set(field_docs(cls))
         assert not missing, f"{section.name}: fields without a docstring: {missing}"
+
+
+def test_model_path_wins_over_the_presets_sizes(tiny_model_dir):
+    """The demo config sets size overrides; a model directory replaces them without extra flags, and only an
+    explicit --set that disagrees with the directory is refused."""
+    assert load_pipeline_config("demo").model.unet  # the demo preset's sizes
+    cfg = load_pipeline_config("demo", [f"model.path={tiny_model_dir}"])
+    assert (cfg.model.unet, cfg.model.vae, cfg.model.text_encoder, cfg.model.scheduler) == ({}, {}, {}, {})
+    agrees = "model.scheduler.num_train_timesteps=1000"  # what tiny_model_dir holds: accepted
+    assert load_pipeline_config("demo", [f"model.path={tiny_model_dir}", agrees]).model.scheduler == {}
+    with pytest.raises(ConfigError, match=r"--set model\.unet\.block_out_channels=\[8, 8\] conflicts with "
+                       r"model\.path .*block_out_channels: \[32, 64\].*drop the override"):  # fmt: skip
+        load_pipeline_config("demo", [f"model.path={tiny_model_dir}", "model.unet.block_out_channels=[8, 8]"])

@@ -40,7 +40,7 @@ def _draw(rows: slice) -> NoiseDraw:
 @pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
 def test_prior_loss_is_instance_mse_plus_weighted_class_mse(tiny_components, weight):
     unet, scheduler = tiny_components.unet, tiny_components.scheduler
-    cfg = LossConfig(snr_gamma=5.0)
+    cfg = LossConfig(prediction_type="epsilon", snr_gamma=5.0)
     instance, klass = _batch(1), _batch(2)
     with torch.no_grad():
         got = prior_preservation_loss(

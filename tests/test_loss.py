@@ -2,15 +2,18 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from cache_fixtures import TINY_INFO
 
 from sdray.data import cache
 from sdray.errors import ConfigError
+from sdray.models.config import ModelConfig
+from sdray.pipeline_config import load_pipeline_config
+from sdray.train.checkpoint import RunSpec
 from sdray.train.config import LossConfig, TrainConfig
 from sdray.train.loss import TARGETS, NoiseDraw, diffusion_loss, draw_noise, loss_weights, prepare_batch
+from sdray.train.seeds import Stream, stream_seed
 
 INFO = TINY_INFO
 B = 4
@@ -114,30 +117,41 @@ def test_noise_offset_adds_a_constant_per_channel(tiny_components):
     assert int(base.timesteps.min()) >= 0 and int(base.timesteps.max()) < 1000
 
 
-def test_train_config_validation_and_target_resolution():
-    assert TrainConfig().loss_config({"prediction_type": "v_prediction"}).prediction_type == "v_prediction"
-    assert (
-        TrainConfig(prediction_type="epsilon")
-        .loss_config({"prediction_type": "v_prediction"})
-        .prediction_type
-        == "epsilon"
-    )
-    with pytest.raises(ConfigError, match="sample"):
-        TrainConfig().loss_config({"prediction_type": "sample"})
-    with pytest.raises(ConfigError, match="caption_dropout"):
-        TrainConfig(caption_dropout=1.0)
+def test_objective_is_one_validated_section_resolved_once():
+    assert LossConfig().resolve({"prediction_type": "v_prediction"}).prediction_type == "v_prediction"
+    assert LossConfig(prediction_type="epsilon").resolve(
+        {"prediction_type": "v_prediction"}
+    ).prediction_type == ("epsilon")
+    with pytest.raises(ConfigError, match="'sample' is not supported"):
+        LossConfig().resolve({"prediction_type": "sample"})
+    with pytest.raises(
+        ConfigError, match=r"train\.loss: loss\.caption_dropout must be in \[0, 1\), got 1\.0"
+    ):
+        load_pipeline_config("tiny", ["train.loss.caption_dropout=1.0"])
+    with pytest.raises(ConfigError, match=r"train\.loss: loss\.snr_gamma must be >= 0"):
+        load_pipeline_config("tiny", ["train.loss.snr_gamma=-1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.snr_gamma'"):  # one place for the objective
+        load_pipeline_config("tiny", ["train.snr_gamma=5"])
     with pytest.raises(ConfigError, match="grad_accum_steps"):
         TrainConfig(grad_accum_steps=0)
+    # The run spec carries the resolved objective: workers, validation and export never resolve it again.
+    with pytest.raises(ConfigError, match=r"unresolved \(train\.loss\.prediction_type is empty\)"):
+        RunSpec(train=TrainConfig(), model=ModelConfig(), info=INFO)
+    resolved = TrainConfig(loss=LossConfig(prediction_type="epsilon", snr_gamma=5.0))
+    spec = RunSpec(train=resolved, model=ModelConfig(), info=INFO)
+    assert RunSpec.from_dict(spec.to_dict()).train.loss == resolved.loss
+    with pytest.raises(ValueError, match="unresolved prediction_type ''"):
+        diffusion_loss(None, None, None, LossConfig(), None)  # type: ignore[arg-type]
 
 
 def test_zero_terminal_snr_needs_v_prediction_whose_last_target_is_the_image():
     from diffusers import DDPMScheduler
 
     with pytest.raises(ConfigError, match="zero-terminal-SNR.*use v_prediction"):
-        TrainConfig(prediction_type="epsilon").loss_config({"rescale_betas_zero_snr": True})
+        LossConfig(prediction_type="epsilon").resolve({"rescale_betas_zero_snr": True})
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               rescale_betas_zero_snr=True, prediction_type="v_prediction")  # fmt: skip
-    cfg = TrainConfig(snr_gamma=5.0).loss_config(scheduler.config)
+    cfg = LossConfig(snr_gamma=5.0).resolve(scheduler.config)
     latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     last = torch.tensor([999, 999])
     # At the last timestep the input is pure noise and the v target is -x0: the model must draw the caption.
@@ -153,4 +167,18 @@ def test_loss_curve_png():
     rows = [{"step": i, "loss": 1 / i, "lr": 1e-3} for i in range(1, 30)]
     png = loss_curve_png(rows)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert np.isfinite([r["loss"] for r in rows]).all()
+
+
+def test_seed_streams_never_collide_across_ranks_epochs_and_purposes():
+    """The old sums collided: seed*1000 + rank (global) at rank 17 was seed*1000 + 17 + rank (generator) at
+    rank 0, and the post-resume seed step*7919 + rank ignored the run's seed."""
+    seeds = [stream_seed(seed, stream, rank) for seed in range(3) for stream in Stream for rank in range(32)]
+    seeds += [stream_seed(seed, Stream.SHUFFLE, rank, epoch) for seed in range(3) for rank in range(8)
+              for epoch in range(32)]  # fmt: skip
+    seeds += [stream_seed(seed, Stream.RESEED, rank, step) for seed in range(3) for rank in range(8)
+              for step in range(0, 1000, 50)]  # fmt: skip
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**32 for s in seeds)
+    assert stream_seed(0, Stream.GLOBAL, 17) != stream_seed(0, Stream.GENERATOR, 0)
+    with pytest.raises(ConfigError, match="seed must be >= 0"):
+        TrainConfig(seed=-1)

@@ -31,6 +31,7 @@ def s3_run(s3_server, tmp_path_factory):  # noqa: F811
 def test_preprocess_survives_a_lost_node_and_writes_every_row_once_to_s3(s3_run):
     s3, report = s3_run
     assert report["preprocess_node_killed"] is True  # the encoder actor's node was removed mid-run
+    assert report["preprocess_committed_at_kill"] < 6  # with input files still in flight: lost, then redone
     assert report["preprocess_attempts"] <= 2  # Ray's retries, or one rerun resuming from the manifest
     assert (report["rows_in"], report["rows_written"], report["rows_rejected"]) == (48, 48, 0)
     assert report["shard_rows"] == report["distinct_ids"] == 48  # exactly once
@@ -44,6 +45,9 @@ def test_two_node_training_resumes_after_a_lost_node_and_exports_to_s3(s3_run):
     assert report["train_worker_nodes"] == 2  # one Ray Train worker per node
     assert report["train_node_killed"] is True
     assert report["train_resumes"] >= 1  # restarted from a checkpoint (FailureConfig), not from scratch
+    # Steps past the last checkpoint were done when the node went: lost, trained again, logged once.
+    assert report["train_step_at_kill"] > report["train_checkpoint_at_kill"] >= 4
+    assert report["train_logged_steps"] == list(range(1, 17))
     assert report["train_step"] == report["expected_steps"] == 16
     assert report["train_model"] == f"s3://{s3.bucket}/out/train/model"
     keys = s3.list("out/train")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 
 from sdray.config import to_dict
 from sdray.data import cache
+from sdray.data.cache import MANIFEST_DIR, SUMMARY_FILE
 from sdray.errors import ConfigError, InputError
 from sdray.models.components import load_components, save_components
 from sdray.models.config import ModelConfig
@@ -25,7 +27,7 @@ from sdray.pipeline_config import load_pipeline_config
 from sdray.preprocess import rejects
 from sdray.preprocess.config import PreprocessConfig
 from sdray.preprocess.inputs import unit_key
-from sdray.preprocess.manifest import MANIFEST_DIR, SUMMARY_FILE, OutputDir
+from sdray.preprocess.manifest import OutputDir
 from sdray.preprocess.run import run_preprocess
 from sdray.preprocess.stages import decode_batch
 
@@ -145,6 +147,7 @@ def bad_corpus(folder: Path) -> dict[str, str]:
         "grey16": (encoded(Image.fromarray(np.full((64, 64), 40000, np.uint16))), "a photo", ""),
         "exif": (encoded(Image.new("RGB", (96, 64), "red"), "JPEG", exif=exif), "a photo", ""),
         "wide": (encoded(Image.new("RGB", (200, 100), "blue")), "a photo", ""),
+        "long": (good, "a photo of " + "a very red circle " * 20, ""),  # 84 words: truncated to 77 tokens
         "corrupt": (bytes(corrupt), "a photo", rejects.CORRUPT),
         "truncated": (good[: len(good) // 2], "a photo", rejects.TRUNCATED),
         "zero": (b"", "a photo", rejects.EMPTY_IMAGE),
@@ -200,6 +203,7 @@ def test_bad_rows_are_rejected_with_reasons_and_counted(ray_session, poisoned_mo
     assert summary["input_files"] == 2 and summary["rows_in"] == len(expected)
     assert summary["rows_written"] + summary["rows_rejected"] == summary["rows_in"]
     assert summary["rejected_by_reason"] == dict(sorted(Counter(r for r in expected.values() if r).items()))
+    assert summary["long_captions"] == 1  # "long"; the other written captions fit the 77-token window
     logged = OutputDir(str(tmp_path / "out")).read_rejects()
     assert {r["id"]: r["reason"] for r in logged} == {k: v for k, v in expected.items() if v}
     assert all(r["input"].endswith("a.parquet") for r in logged)
@@ -276,11 +280,30 @@ def test_crashed_run_resumes_to_the_uninterrupted_rows(synth_cache, synth_dir, m
         k for k in (unit_key(str(p)) for p in sorted((tmp_path / "in").iterdir())) if k not in done
     )
     shutil.copy(next(synth_cache[0].glob("part-*.parquet")), out / f"part-{unfinished}-{'0' * 16}.parquet")
+    # An orphan: a shard of a finished file that its manifest record does not list (a retried write task).
+    shutil.copy(next(synth_cache[0].glob("part-*.parquet")), out / f"part-{min(done)}-{'1' * 16}.parquet")
     (out / ".part-x.parquet.tmp-12345678").write_bytes(b"half a file")
 
     summary = run_preprocess(cfg)
     assert summary["this_run"]["input_files"] == 11
     assert (summary["input_files"], summary["rows_in"], summary["rows_written"]) == (16, 64, 64)
     assert not list(out.glob(".*tmp*"))
-    assert_same_rows(read_cache(out), read_cache(synth_cache[0]))
+    assert_same_rows(read_cache(out), read_cache(synth_cache[0]))  # read_cache fails on duplicate ids
     assert run_preprocess(cfg)["this_run"]["input_files"] == 0
+
+
+def test_changed_or_duplicated_inputs_are_refused(synth_cache, synth_dir, tmp_path):
+    """A finished input rewritten with the same size (only its mtime differs) and a new input repeating the
+    ids of a finished one are refused before any work starts."""
+    out = synth_cache[0]
+    first = sorted(synth_dir.glob("*.parquet"))[0]
+    stat = first.stat()
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        with pytest.raises(InputError, match=rf"{first.name} changed since it was preprocessed .*mtime_ns"):
+            run_preprocess(config(synth_dir, out))
+    finally:
+        os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    shutil.copy(first, tmp_path / "again.parquet")
+    with pytest.raises(InputError, match=rf"duplicate id '\w+' in \S+{first.name} and \S+again.parquet"):
+        run_preprocess(config(f"{synth_dir},{tmp_path / 'again.parquet'}", out))

@@ -9,10 +9,11 @@ import pytest
 from cache_fixtures import TINY_INFO
 
 from sdray.data import cache
+from sdray.data.cache import UnitRecord
 from sdray.errors import ConfigError, InputError
 from sdray.preprocess.config import PreprocessConfig
 from sdray.preprocess.dataset import check_cpus
-from sdray.preprocess.manifest import OutputDir, UnitRecord, totals
+from sdray.preprocess.manifest import OutputDir, totals
 
 INFO = dataclasses.replace(TINY_INFO, has_std=False)
 
@@ -34,19 +35,21 @@ def test_commit_clean_and_totals(tmp_path):
     out = OutputDir(str(tmp_path))
     for name in [
         "part-aaaa-1.parquet",
+        "part-aaaa-2.parquet",  # an orphan: its unit is finished but its record does not list it
         "part-bbbb-1.parquet",
         "part-bbbb-2.parquet",
         ".part-x.parquet.tmp-1234",
     ]:
         (tmp_path / name).write_bytes(b"x")
-    out.put("_rejects/bbbb.jsonl", b"{}\n")
+    out.write_bytes("_rejects/bbbb.jsonl", b"{}\n")
     done = UnitRecord(
         input="a.parquet", size=10, rows=3, written=2, rejected={"corrupt": 1}, shards=["part-aaaa-1.parquet"]
     )
     out.commit("aaaa", done, [{"id": "r3", "reason": "corrupt", "detail": "", "input": "a.parquet"}])
     assert out.done() == {"aaaa": done}
     assert out.read_rejects() == [{"id": "r3", "reason": "corrupt", "detail": "", "input": "a.parquet"}, {}]
-    assert out.clean({"bbbb"}) == 4  # two shards, the reject log and the temp file of unfinished work
+    # two shards, the reject log and the temp file of unfinished work, and the finished unit's orphan shard
+    assert out.clean({"bbbb"}, out.done()) == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_manifest", "_rejects", "part-aaaa-1.parquet"]
     assert not list(tmp_path.glob(".*"))
     summary = totals(out.done())

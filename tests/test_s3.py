@@ -12,7 +12,7 @@ from s3_fixtures import s3_server  # noqa: F401 - fixture
 from sdray.errors import InputError
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
-from sdray.train.storage import checkpoint_files
+from sdray.storage import checkpoint_files
 
 S3_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 

@@ -124,9 +124,9 @@ def test_cache_and_run_files_on_object_storage(ray_session, tiny_components, tmp
     """The reader and the run's files go through pyarrow file systems: the same code reads s3:// URIs."""
     import pyarrow.fs as pafs
 
+    from sdray import storage
     from sdray.data.reader import open_cache
-    from sdray.train import storage
-    from sdray.train.metrics import write_metrics
+    from sdray.train.metrics import append_metrics, truncate_metrics
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -160,8 +160,11 @@ def test_cache_and_run_files_on_object_storage(ray_session, tiny_components, tmp
         with pytest.raises(InputError, match="does not exist"):
             open_cache("s3://bkt/nowhere", expected)
         rows = [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
-        write_metrics("s3://bkt/run", rows)
+        append_metrics("s3://bkt/run", rows[:1])
+        append_metrics("s3://bkt/run", rows[1:])  # object stores have no append: the object is rewritten
         assert read_metrics("s3://bkt/run") == rows and storage.exists("s3://bkt/run/metrics.jsonl")
+        truncate_metrics("s3://bkt/run", 1)
+        assert read_metrics("s3://bkt/run") == rows[:1]
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -13,7 +14,7 @@ from serve_fixtures import free_port, running_app
 from sdray.models.config import ModelConfig
 from sdray.serve.config import ServeConfig
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM = os.environ.get("SDRAY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
     "--headless=new",
     "--no-sandbox",
@@ -23,10 +24,12 @@ FLAGS = [
     "--no-first-run",
 ]
 
-pytestmark = pytest.mark.skipif(
-    shutil.which(CHROMIUM) is None,
-    reason="needs Debian chromium: run `make browser` (apt-get install chromium)",
-)
+if shutil.which(CHROMIUM) is None:
+    if os.environ.get("CI", "").lower() == "true":  # in CI a missing browser is a broken image, not a skip
+        pytest.fail(f"CI=true but Debian chromium is missing ({CHROMIUM}): run `make browser`", pytrace=False)
+    pytest.skip(
+        "needs Debian chromium: run `make browser` (apt-get install chromium)", allow_module_level=True
+    )
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from sdray import storage
 from sdray.batchgen.config import BatchGenerateConfig
 from sdray.errors import InputError
-from sdray.preprocess.inputs import InputFile, filesystem_for
+from sdray.preprocess.inputs import InputFile
 from sdray.serve.config import ServeConfig
 from sdray.serve.request import GenerationRequest, ModelInfo, check_request
 
@@ -57,7 +58,7 @@ def resolve_prompt_files(spec: str) -> tuple[pafs.FileSystem, list[InputFile]]:
     found: dict[str, InputFile] = {}
     fs = None
     for item in items:
-        item_fs, path = filesystem_for(item)
+        item_fs, path = _resolve(item)
         if fs is not None and type(item_fs) is not type(fs):
             raise InputError(f"prompt files {items} mix file systems; give one kind of location per run")
         fs = item_fs
@@ -73,8 +74,15 @@ def resolve_prompt_files(spec: str) -> tuple[pafs.FileSystem, list[InputFile]]:
             infos = [i for i in infos if i.path.endswith(SUFFIXES) and not i.base_name.startswith(("_", "."))]
             if not infos:
                 raise InputError(f"prompts {item!r}: no {', '.join(SUFFIXES)} files in it")
-        found.update({i.path: InputFile(i.path, i.size) for i in infos})
+        found.update({i.path: InputFile.from_info(i) for i in infos})
     return fs, sorted(found.values(), key=lambda f: f.path)
+
+
+def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return storage.resolve(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise InputError(f"cannot open prompts {uri!r}: {exc}") from exc
 
 
 def read_records(fs: pafs.FileSystem, path: str) -> list[dict[str, Any] | str]:

@@ -21,11 +21,12 @@ from tqdm import tqdm
 from sdray.batchgen.prompts import RowChecks, load_prompt_file, resolve_prompt_files, rows_table
 from sdray.cluster import ensure_ray
 from sdray.config import dump_yaml
+from sdray.data.cache import CONFIG_FILE, SUMMARY_FILE
 from sdray.errors import ConfigError
 from sdray.models.config import ModelConfig
 from sdray.pipeline_config import PipelineConfig
 from sdray.preprocess.dataset import build_generation_dataset
-from sdray.preprocess.manifest import CONFIG_FILE, SUMMARY_FILE, OutputDir, totals
+from sdray.preprocess.manifest import OutputDir, totals
 from sdray.preprocess.run import Ledger, _pending
 from sdray.preprocess.stages import EVENT_SCHEMA
 from sdray.serve.request import ModelInfo
@@ -80,7 +81,7 @@ def _check_source(out: OutputDir, source: dict[str, Any]) -> None:
             f"output {out.uri} holds images made by {json.loads(text)}, now {source}; "
             "write to a new output directory"
         )
-    out.put(SOURCE_FILE, json.dumps(source, indent=1).encode())
+    out.write_bytes(SOURCE_FILE, json.dumps(source, indent=1).encode())
 
 
 def _reject_events(rejected: list[dict[str, str]]) -> pa.Table:
@@ -129,12 +130,13 @@ def run_batch_generate(cfg: PipelineConfig) -> dict[str, Any]:
         limits=cfg.serve,
         count_tokens=lambda text: len(tokenizer(text, truncation=False).input_ids),
     )
-    pending = _pending(out, files)
+    done = out.done()
+    pending = _pending(out, files, done)
     # Every pending file is read and checked before anything is written: a bad file leaves no trace.
     loaded = {f.path: load_prompt_file(fs, f, checks) for f in pending}
     _check_source(out, {"model": cfg.model.source, "loras": list(gen.loras)})
-    out.put(CONFIG_FILE, dump_yaml(cfg).encode())
-    cleaned = out.clean({f.key for f in pending})
+    out.write_bytes(CONFIG_FILE, dump_yaml(cfg).encode())
+    cleaned = out.clean({f.key for f in pending}, done)
     log.info(
         "%s: %d prompt file(s), %d already done, %d to do%s",
         out.uri, len(files), len(files) - len(pending), len(pending),
@@ -144,7 +146,7 @@ def run_batch_generate(cfg: PipelineConfig) -> dict[str, Any]:
     ledger = _process(cfg, out, pending, loaded) if pending else None
     wall = time.perf_counter() - start
     summary = {**totals(out.done()), "this_run": _run_stats(ledger, wall)}
-    out.put(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+    out.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
     return summary
 
 

@@ -19,9 +19,10 @@ import torch
 
 from sdray.batchgen.prompts import to_request
 from sdray.config import from_dict
+from sdray.data.cache import SHARD_PREFIX
 from sdray.models.config import ModelConfig
 from sdray.preprocess.inputs import unit_key
-from sdray.preprocess.manifest import SHARD_PREFIX, OutputDir
+from sdray.preprocess.manifest import OutputDir
 from sdray.preprocess.stages import EVENT_SCHEMA
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,13 @@ pyarrow's and Ray's, skip those):
     _cache.json             CacheInfo (also stored in every shard's schema metadata under b"sdray")
     _empty_caption.safetensors   the text embedding of "" (caption dropout / classifier-free guidance)
 
+and, when written by `sdray preprocess` (see :mod:`sdray.preprocess.manifest` for the resume rule):
+
+    part-<unit>-<hash>.parquet   shards of one input file (<unit>: 16 hex characters naming the file)
+    _manifest/<unit>.json   UnitRecord, written last, when every row of that input file is in a shard or rejected
+    _rejects/<unit>.jsonl   rejected rows of that input file (only if any)
+    _summary.json, _config.yaml  totals over the manifest, and the resolved config of the last run
+
 Columns (plain pyarrow types; tensors are flattened row-major, shapes come from CacheInfo):
     id            string
     latent        fixed_size_list<halffloat>[C*h*w]   unscaled VAE posterior mean, shape CacheInfo.latent_shape
@@ -23,15 +30,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sdray import storage
 from sdray.errors import InputError
-from sdray.io import atomic_write_bytes
 
 FORMAT_VERSION = 1
 ID, LATENT, LATENT_STD, TEXT_EMBEDS, CAPTION = "id", "latent", "latent_std", "text_embeds", "caption"
@@ -39,6 +47,11 @@ INFO_FILE = "_cache.json"
 EMPTY_CAPTION_FILE = "_empty_caption.safetensors"
 EMPTY_CAPTION_KEY = "text_embeds"
 METADATA_KEY = b"sdray"
+SHARD_PREFIX = "part-"
+MANIFEST_DIR = "_manifest"
+REJECTS_DIR = "_rejects"
+SUMMARY_FILE = "_summary.json"
+CONFIG_FILE = "_config.yaml"
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -151,28 +164,78 @@ def sidecar_files(info: CacheInfo, empty_caption_embeds: np.ndarray) -> dict[str
     return {EMPTY_CAPTION_FILE: save(tensors), INFO_FILE: info.to_json().encode()}
 
 
-def write_sidecars(out_dir: str | Path, info: CacheInfo, empty_caption_embeds: np.ndarray) -> None:
+def write_sidecars(uri: str, info: CacheInfo, empty_caption_embeds: np.ndarray) -> None:
     """Write `_cache.json` and `_empty_caption.safetensors` (``empty_caption_embeds``: (77, D)) atomically."""
     for name, data in sidecar_files(info, empty_caption_embeds).items():
-        atomic_write_bytes(Path(out_dir) / name, data)
+        storage.write_bytes(storage.join(str(uri), name), data)
 
 
-def read_empty_caption(path: str | Path) -> np.ndarray:
-    """The (77, D) float16 embedding of the empty caption stored beside the cache ``path``."""
-    from safetensors.numpy import load_file
+def read_cache_info(uri: str | Path) -> CacheInfo:
+    """CacheInfo of the cache directory ``uri`` (local or s3://), from its `_cache.json`.
 
-    file = Path(path) / EMPTY_CAPTION_FILE
-    if not file.is_file():
-        raise InputError(f"{path}: missing {EMPTY_CAPTION_FILE} (needed for caption dropout)")
-    return load_file(str(file))[EMPTY_CAPTION_KEY]
+    Raises:
+        InputError: naming the directory if it does not exist, is not a cache, or has unreadable metadata.
+    """
+    uri = str(uri)
+    if not storage.exists(uri):
+        raise InputError(f"latent cache {uri} does not exist; write one with `sdray preprocess`")
+    info_uri = storage.join(uri, INFO_FILE)
+    if not storage.exists(info_uri):
+        raise InputError(f"{uri}: not a latent cache (no {INFO_FILE}); write one with `sdray preprocess`")
+    return CacheInfo.from_json(storage.read_bytes(info_uri).decode(), where=info_uri)
 
 
-def read_cache_info(path: str | Path) -> CacheInfo:
-    """CacheInfo of the cache directory ``path`` (from its `_cache.json`)."""
-    info_file = Path(path) / INFO_FILE
-    if not info_file.is_file():
-        raise InputError(f"{path}: not a latent cache (no {INFO_FILE}); write one with `sdray preprocess`")
-    return CacheInfo.from_json(info_file.read_text(), where=str(info_file))
+def read_empty_caption(uri: str | Path, info: CacheInfo | None = None) -> np.ndarray:
+    """The (77, D) float16 embedding of the empty caption stored in the cache ``uri``.
+
+    Its shape is checked against ``info`` (read from the cache when not given).
+    """
+    from safetensors.numpy import load
+
+    uri = str(uri)
+    info = info or read_cache_info(uri)
+    file = storage.join(uri, EMPTY_CAPTION_FILE)
+    if not storage.exists(file):
+        raise InputError(f"{uri}: missing {EMPTY_CAPTION_FILE} (needed for caption dropout)")
+    embeds = load(storage.read_bytes(file))[EMPTY_CAPTION_KEY]
+    if tuple(embeds.shape) != tuple(info.text_embeds_shape):
+        raise InputError(f"{file}: shape {embeds.shape}, expected {info.text_embeds_shape}")
+    return embeds
+
+
+def shard_unit(name: str) -> str | None:
+    """The unit key in a shard file name ``part-<unit>-<hash>.parquet`` (None for other files)."""
+    return name[len(SHARD_PREFIX) :].split("-", 1)[0] if name.startswith(SHARD_PREFIX) else None
+
+
+@dataclass
+class UnitRecord:
+    """The manifest record of one finished input file (`_manifest/<unit>.json`)."""
+
+    input: str
+    size: int
+    rows: int
+    mtime_ns: int = 0
+    """Modification time of the input file (object stores: last-modified), 0 where none is reported."""
+    written: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    shards: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+    long_captions: int = 0
+    """Captions longer than the tokenizer's window (77 tokens), truncated when encoded."""
+
+    @property
+    def accounted(self) -> int:
+        return self.written + sum(self.rejected.values())
+
+
+def read_manifest(cache_dir: storage.Location) -> dict[str, UnitRecord]:
+    """Manifest records of the finished input files of a cache, keyed by unit key."""
+    names = [i.base_name for i in cache_dir.files(MANIFEST_DIR, recursive=False)]
+    names = [n for n in names if n.endswith(".json") and not n.startswith(".")]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        texts = list(pool.map(lambda n: cache_dir.read_bytes(f"{MANIFEST_DIR}/{n}"), names))
+    return {n.removesuffix(".json"): UnitRecord(**json.loads(t)) for n, t in zip(names, texts, strict=True)}
 
 
 def read_shard_info(shard: str | Path) -> CacheInfo:

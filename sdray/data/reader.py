@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.fs as pafs
 
+from sdray import storage
 from sdray.data import cache
 from sdray.errors import InputError
-from sdray.train import storage
 
 log = logging.getLogger(__name__)
 
@@ -42,31 +42,6 @@ class LatentCache:
     info: cache.CacheInfo
     empty_caption: np.ndarray  # (77, D) float16
     num_rows: int
-
-
-def read_info(path: str) -> cache.CacheInfo:
-    """CacheInfo from ``<path>/_cache.json``; a missing directory or file is an InputError naming it."""
-    if not storage.exists(path):
-        raise InputError(f"latent cache {path} does not exist; write one with `sdray preprocess`")
-    info_uri = storage.join(path, cache.INFO_FILE)
-    if not storage.exists(info_uri):
-        raise InputError(
-            f"{path}: not a latent cache (no {cache.INFO_FILE}); write one with `sdray preprocess`"
-        )
-    return cache.CacheInfo.from_json(storage.read_bytes(info_uri).decode(), where=info_uri)
-
-
-def read_empty_caption(path: str, info: cache.CacheInfo) -> np.ndarray:
-    """The stored (77, D) float16 embedding of the empty caption."""
-    from safetensors.numpy import load
-
-    uri = storage.join(path, cache.EMPTY_CAPTION_FILE)
-    if not storage.exists(uri):
-        raise InputError(f"{path}: missing {cache.EMPTY_CAPTION_FILE} (needed for caption dropout)")
-    embeds = load(storage.read_bytes(uri))[cache.EMPTY_CAPTION_KEY]
-    if tuple(embeds.shape) != tuple(info.text_embeds_shape):
-        raise InputError(f"{uri}: shape {embeds.shape}, expected {info.text_embeds_shape}")
-    return embeds
 
 
 def check_compatible(info: cache.CacheInfo, expected: ExpectedCache, *, where: str) -> None:
@@ -107,27 +82,31 @@ def committed_shards(path: str, shards: list[str]) -> list[str]:
 
     A cache written by `sdray preprocess` (it has the stage's `_config.yaml`) gets `_summary.json` when a run
     completes and lists each finished input file's shards in `_manifest/`; shards of an input file still in
-    progress when a run was killed are not listed and must not be trained on. Caches made by other tools (no
-    `_config.yaml`) are read whole.
+    progress when a run was killed are not listed and must not be trained on. A shard of a *finished* input
+    file that its record does not list (an orphan: a retried write task's other split of the same rows) is
+    skipped with a warning. Caches made by other tools (no `_config.yaml`) are read whole.
     """
-    from sdray.preprocess.manifest import CONFIG_FILE, SUMMARY_FILE, OutputDir
-
-    if not storage.exists(storage.join(path, CONFIG_FILE)):
+    location = storage.Location(path)
+    if not location.exists(cache.CONFIG_FILE):
         return shards
-    if not storage.exists(storage.join(path, SUMMARY_FILE)):  # written when a run completes
+    if not location.exists(cache.SUMMARY_FILE):  # written when a run completes
         raise InputError(
-            f"{path}: preprocessing did not finish (no {SUMMARY_FILE}); rerun `sdray preprocess` with the "
+            f"{path}: preprocessing did not finish (no {cache.SUMMARY_FILE}); rerun `sdray preprocess` with the "
             "same output to complete it"
         )
-    out = OutputDir(path)
-    listed = {f"{out.root.rstrip('/')}/{name}" for record in out.done().values() for name in record.shards}
+    records = cache.read_manifest(location)
+    listed = {location.path(name) for record in records.values() for name in record.shards}
     unlisted = sorted(set(shards) - listed)
+    orphans = [s for s in unlisted if cache.shard_unit(s.rsplit("/", 1)[-1]) in records]
+    if orphans:
+        log.warning("%s: skipping %d shard(s) not listed by their finished input file", path, len(orphans))
+    unlisted = sorted(set(unlisted) - set(orphans))
     if unlisted:
         raise InputError(
             f"{path}: preprocessing did not finish ({len(unlisted)} shard(s) of unfinished input files, e.g. "
             f"{unlisted[0].rsplit('/', 1)[-1]}); rerun `sdray preprocess` with the same output to complete it"
         )
-    return shards
+    return sorted(set(shards) - set(orphans))
 
 
 def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
@@ -137,17 +116,15 @@ def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
     """
     import ray.data
 
-    info = read_info(path)
+    info = cache.read_cache_info(path)
     check_compatible(info, expected, where=path)
-    empty = read_empty_caption(path, info)
+    empty = cache.read_empty_caption(path, info)
     columns = list(cache.tensor_columns(info))
-    fs, root = storage.resolve(path)
+    fs = storage.Location(path).fs
     shards = [
         f.path
-        for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        if f.type == pafs.FileType.File
-        and f.base_name.endswith(".parquet")
-        and not f.base_name.startswith(("_", "."))
+        for f in storage.list_files(path)
+        if f.base_name.endswith(".parquet") and not f.base_name.startswith(("_", "."))
     ]
     if not shards:
         raise InputError(f"{path}: latent cache has no parquet shards (empty data set)")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from sdray.config import to_dict
 from sdray.errors import ConfigError
-from sdray.io import atomic_dir
+from sdray.storage import atomic_dir
 
 log = logging.getLogger(__name__)
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sdray.demo.results import DemoRun
 from sdray.evaluate import summary_lines
-from sdray.io import atomic_dir
-
-if TYPE_CHECKING:
-    from sdray.demo.run import DemoRun
+from sdray.storage import atomic_dir
 
 METRICS_FILE = "metrics.json"
 GRID_FILE = "grid.png"
@@ -55,21 +54,22 @@ def loss_curves_png(vae_history: list[dict], unet_history: list[dict]) -> bytes:
 
 def report_metrics(run: DemoRun) -> dict[str, Any]:
     """The content of metrics.json: stage times, load, VAE and UNet summaries, faithfulness accuracies."""
-    vae = {k: v for k, v in run.results["vae"].items() if k != "history"}
-    unet = {k: v for k, v in run.results["unet"].items() if k != "history"}
-    faith = {k: v for k, v in run.results["faithfulness"].items() if k != "recovered"}
-    pre = run.results["preprocess"]
+    results = run.results
+    if not (results.data and results.vae and results.preprocess and results.unet and results.generate):
+        raise RuntimeError("the demo report needs every stage's results")
+    faith = {k: v for k, v in (results.faithfulness or {}).items() if k != "recovered"}
+    pre = results.preprocess
     return {
         "quick": run.opts.quick,
         "stage_seconds": dict(run.stage_s),
         "total_seconds": round(sum(run.stage_s.values()), 1),
         "machine": {"cpus": _cpus(), "load_avg_1_5_15": run.load_avg},
-        "data": run.results["data"],
-        "vae": vae,
+        "data": asdict(results.data),
+        "vae": results.vae.summary(),
         "preprocess": {k: pre.get(k) for k in ("rows_in", "rows_written", "rows_rejected", "shards")},
-        "unet": unet,
+        "unet": results.unet.summary(),
         "sampling": {
-            "images": len(run.results["generate"]["images"]),
+            "images": len(results.generate.images),
             "samples_per_prompt": run.opts.samples_per_prompt,
             "steps": run.opts.sampler_steps,
             "guidance_scale": run.opts.guidance_scale,
@@ -129,8 +129,10 @@ def write_report(run: DemoRun, report_dir: Path) -> Path:
     metrics = report_metrics(run)
     with atomic_dir(report_dir, overwrite=True) as tmp:
         shutil.copyfile(run.out / "eval" / GRID_FILE, tmp / GRID_FILE)
-        vae_history, unet_history = run.results["vae"]["history"], run.results["unet"]["history"]
-        (tmp / CURVES_FILE).write_bytes(loss_curves_png(vae_history, unet_history))
+        vae, unet = run.results.vae, run.results.unet
+        (tmp / CURVES_FILE).write_bytes(
+            loss_curves_png(vae.history if vae else [], unet.history if unet else [])
+        )
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         (tmp / REPORT_FILE).write_text(report_markdown(metrics))
     return report_dir

@@ -13,37 +13,21 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from sdray.cluster import ensure_ray
 from sdray.demo.config import QUICK_OVERRIDES, DemoOptions
+from sdray.demo.report import write_report
+from sdray.demo.results import DataResult, DemoRun, GenerateResult, UnetResult, VaeResult
 from sdray.errors import ConfigError
 from sdray.models.config import ModelConfig
 from sdray.pipeline_config import PipelineConfig, load_pipeline_config
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REPORT_DIR = "report"
-
-
-@dataclass
-class DemoRun:
-    """What the stages produced so far; the report reads it."""
-
-    out: Path
-    """The run directory (absolute)."""
-    cfg: PipelineConfig
-    """The resolved pipeline config (quick overrides applied)."""
-    opts: DemoOptions
-    """The effective demo options."""
-    stage_s: dict[str, float] = field(default_factory=dict)
-    """Wall seconds per stage, in run order."""
-    results: dict[str, Any] = field(default_factory=dict)
-    """Per-stage summaries (VAE PSNR, UNet steps, faithfulness metrics ...)."""
-    load_avg: dict[str, list[float]] = field(default_factory=dict)
-    """1/5/15-minute load averages at the start and the end (the machine may be shared)."""
 
 
 def demo_config(config: str, overrides: list[str], *, quick: bool) -> PipelineConfig:
@@ -75,7 +59,7 @@ def stage_data(run: DemoRun) -> None:
     from sdray.data.synth import write_synth
 
     write_synth(run.cfg.synth, run.out / "data")
-    run.results["data"] = {"images": run.cfg.synth.num_images, "held_out": run.cfg.synth.held_out}
+    run.results.data = DataResult(images=run.cfg.synth.num_images, held_out=run.cfg.synth.held_out)
 
 
 def stage_vae(run: DemoRun) -> None:
@@ -85,13 +69,13 @@ def stage_vae(run: DemoRun) -> None:
     vae_cfg = dataclasses.replace(run.cfg.vae_train, data=str(run.out / "data"), output=str(run.out / "vae"))
     result = train_vae(vae_cfg, run.cfg.model)
     assemble_model_dir(result.vae_dir, run.cfg.model, run.out / "model")
-    run.results["vae"] = {
-        "psnr_db": result.psnr,
-        "steps": result.steps,
-        "train_seconds": result.train_seconds,
-        "scaling_factor": result.scaling_factor,
-        "history": result.history,
-    }
+    run.results.vae = VaeResult(
+        psnr_db=result.psnr,
+        steps=result.steps,
+        train_seconds=result.train_seconds,
+        scaling_factor=result.scaling_factor,
+        history=result.history,
+    )
 
 
 def stage_preprocess(run: DemoRun) -> None:
@@ -101,7 +85,7 @@ def stage_preprocess(run: DemoRun) -> None:
     summary = run_preprocess(
         dataclasses.replace(run.cfg, model=_model_at(run.cfg.model, run.out / "model"), preprocess=pre)
     )
-    run.results["preprocess"] = summary
+    run.results.preprocess = summary
 
 
 def stage_train(run: DemoRun) -> None:
@@ -113,12 +97,12 @@ def stage_train(run: DemoRun) -> None:
     if result.model is None:
         raise ConfigError("UNet training exported no model: the demo needs train.export: true")
     history = read_metrics(result.output)
-    run.results["unet"] = {
-        "steps": result.step,
-        "model": result.model,
-        "final_loss": history[-1]["loss"] if history else None,
-        "history": [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in history],
-    }
+    run.results.unet = UnetResult(
+        steps=result.step,
+        model=result.model,
+        final_loss=history[-1]["loss"] if history else None,
+        history=[{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in history],
+    )
 
 
 def stage_generate(run: DemoRun) -> None:
@@ -131,7 +115,7 @@ def stage_generate(run: DemoRun) -> None:
     from sdray.serve.sampler import Sampler
 
     opts = run.opts
-    model_dir = run.results["unet"]["model"]
+    model_dir = _done(run.results.unet, "train").model
     sampler = Sampler(load_components(_model_at(run.cfg.model, model_dir)), source=model_dir)
     prompts = evaluation_prompts(run.cfg.synth, per_combination=opts.samples_per_prompt)
     prompts = prompts[: opts.max_images or None]  # held-out combinations come first
@@ -144,14 +128,15 @@ def stage_generate(run: DemoRun) -> None:
     arrays = sampler.generate(requests, max_batch=opts.max_batch)
     images = [Image.fromarray((a[0] * 255).round().astype("uint8")) for a in arrays]
     write_samples(run.out / "samples", images, [p for p, _ in prompts])
-    run.results["generate"] = {"images": images, "prompts": prompts}
+    run.results.generate = GenerateResult(images=images, prompts=prompts)
 
 
 def stage_evaluate(run: DemoRun) -> None:
     from sdray.evaluate import faithfulness
     from sdray.evaluate.report import read_real, write_evaluation
 
-    images, prompts = run.results["generate"]["images"], run.results["generate"]["prompts"]
+    generated = _done(run.results.generate, "generate")
+    images, prompts = generated.images, generated.prompts
     real_images, _, real_targets = read_real(run.out / "data", run.opts.num_real)
     targets = [t for _, t in prompts]
     metrics = faithfulness(
@@ -163,7 +148,7 @@ def stage_evaluate(run: DemoRun) -> None:
     )
     write_evaluation(run.out / "eval", metrics, images, [p for p, _ in prompts], targets,
                      grid_images=run.opts.grid_images)  # fmt: skip
-    run.results["faithfulness"] = metrics
+    run.results.faithfulness = metrics
 
 
 STAGES: tuple[tuple[str, Callable[[DemoRun], None]], ...] = (
@@ -186,8 +171,6 @@ def run_demo(
 
     ``progress`` receives one line when a stage starts and one when it ends (with its wall time).
     """
-    from sdray.demo.report import write_report
-
     opts = opts.effective()
     run = DemoRun(out=prepare_output(opts), cfg=cfg, opts=opts)
     run.load_avg["start"] = [round(x, 2) for x in os.getloadavg()]
@@ -203,14 +186,20 @@ def run_demo(
 
 
 def _stage_note(run: DemoRun, name: str) -> str:
-    if name == "vae":
-        vae = run.results["vae"]
-        return f": held-out PSNR {vae['psnr_db']:.2f} dB after {vae['steps']} steps"
-    if name == "train":
-        unet = run.results["unet"]
-        return f": {unet['steps']} steps, final loss {unet['final_loss']:.4f}"
-    if name == "evaluate":
-        acc = run.results["faithfulness"]["generated"]["held_out"]
+    if name == "vae" and run.results.vae:
+        vae = run.results.vae
+        return f": held-out PSNR {vae.psnr_db:.2f} dB after {vae.steps} steps"
+    if name == "train" and run.results.unet:
+        unet = run.results.unet
+        return f": {unet.steps} steps, final loss {unet.final_loss:.4f}"
+    if name == "evaluate" and run.results.faithfulness:
+        acc = run.results.faithfulness["generated"]["held_out"]
         if acc.get("n"):
             return f": held-out colour {acc['color']:.2f} shape {acc['shape']:.2f} position {acc['position']:.2f}"
     return ""
+
+
+def _done(result: T | None, stage: str) -> T:
+    if result is None:
+        raise RuntimeError(f"the demo's {stage} stage has not run")
+    return result

@@ -18,12 +18,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from sdray import storage
 from sdray.dreambooth.config import DreamBoothConfig
 from sdray.errors import InputError
 from sdray.pipeline_config import PipelineConfig
-from sdray.preprocess.inputs import filesystem_for
 from sdray.preprocess.manifest import OutputDir
-from sdray.train import storage
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ def _images_from_parquet(fs: pafs.FileSystem, paths: list[str], image_column: st
 
 def instance_table(db: DreamBoothConfig, image_column: str) -> pa.Table:
     """The instance images (folder or parquet) as ``id``, ``image`` struct, ``caption`` = the instance prompt."""
-    fs, root = filesystem_for(db.instance_data)
+    fs, root = storage.resolve(db.instance_data)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"dreambooth.instance_data {db.instance_data!r} does not exist")
@@ -92,13 +91,8 @@ def class_prompt_lines(db: DreamBoothConfig) -> bytes:
 def _put_if_changed(work: OutputDir, name: str, data: bytes) -> None:
     """Rewrite a generated input only when its content changes: preprocessing and batch generation treat a
     rewritten file (new mtime) as changed, which would refuse the resume."""
-    path = work._path(name)
-    if work.fs.get_file_info(path).type == pafs.FileType.NotFound:
-        work.put(name, data)
-        return
-    with work.fs.open_input_file(path) as f:
-        if f.readall() != data:
-            work.put(name, data)
+    if not work.exists(name) or work.read_bytes(name) != data:
+        work.write_bytes(name, data)
 
 
 def _table_bytes(table: pa.Table) -> bytes:

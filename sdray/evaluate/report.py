@@ -24,7 +24,7 @@ from sdray.data.synth import read_synth_meta
 from sdray.errors import InputError
 from sdray.evaluate.attributes import EVALUATED
 from sdray.evaluate.faithfulness import Attrs, faithfulness, parse_caption
-from sdray.io import atomic_dir, atomic_write_bytes, atomic_write_text
+from sdray.storage import atomic_dir, write_bytes, write_text
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
@@ -129,7 +129,8 @@ def sample_grid(
 def write_grid(path: str | Path, grid: Image.Image) -> Path:
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG")
-    return atomic_write_bytes(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
 def write_samples(out_dir: str | Path, images: Sequence[Image.Image], prompts: Sequence[str]) -> Path:
@@ -155,7 +156,7 @@ def write_evaluation(
 ) -> None:
     """Write ``metrics.json`` (from :func:`faithfulness`) and ``grid.png`` of the first ``grid_images``."""
     out = Path(out_dir)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     shown = min(grid_images, len(images))
     correct = [
         all(r[a] == t[a] for a in EVALUATED) for r, t in zip(metrics["recovered"], targets, strict=True)

@@ -20,10 +20,10 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdray.errors import ConfigError, InputError
-from sdray.io import atomic_dir
 from sdray.models.config import COMPONENT_NAMES, ModelConfig
 from sdray.models.presets import PRESETS
 from sdray.models.tokenizer import clip_tokenizer
+from sdray.storage import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ _LOADERS: dict[str, Callable[[str], Any]] = {
 
 
 def _load_part(cfg: ModelConfig, name: str) -> Any:
-    from sdray.train.storage import local_copy
+    from sdray.storage import local_copy
 
     path = Path(local_copy(cfg.path))  # a model on s3:// (or gs://) is downloaded once, then loaded locally
     if not (path / name).is_dir():

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sdray.errors import ConfigError
+from sdray.errors import ConfigError, InputError
 
 Preset = Literal["tiny", "sd15"]
 COMPONENT_NAMES = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+ARCHITECTURE_PARTS = ("unet", "vae", "text_encoder", "scheduler")
+"""The parts whose constructor config a preset sets and `model.<part>` overrides; a model directory has its own."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -16,7 +18,9 @@ class ModelConfig:
     preset: Preset = "tiny"
     """Architecture to build with random weights when `path` is empty: `tiny` (tests, demo) or `sd15`."""
     path: str = ""
-    """A diffusers-format directory (unet/ vae/ text_encoder/ tokenizer/ scheduler/); overrides `preset`."""
+    """A diffusers-format directory (unet/ vae/ text_encoder/ tokenizer/ scheduler/); wins over `preset` and
+    the config file's unet/vae/text_encoder/scheduler overrides (an explicit `--set` that differs from the
+    directory's architecture is an error)."""
     seed: int = 0
     """Seed of the random initialisation, so every stage and worker builds identical preset weights."""
     unet: dict[str, Any] = field(default_factory=dict)
@@ -38,3 +42,20 @@ class ModelConfig:
     def source(self) -> str:
         """Human-readable origin of the weights, for logs and metadata."""
         return self.path or f"preset:{self.preset} (random init, seed {self.seed})"
+
+
+def saved_architecture(path: str, part: str) -> dict[str, Any]:
+    """The constructor config of ``part`` saved in the model directory ``path`` (local or s3://).
+
+    Raises:
+        InputError: the directory has no such config file.
+    """
+    import json
+
+    from sdray import storage
+
+    name = "scheduler_config.json" if part == "scheduler" else "config.json"
+    uri = storage.join(path, part, name)
+    if not storage.exists(uri):
+        raise InputError(f"model.path {path}: no {part}/{name}")
+    return json.loads(storage.read_bytes(uri))

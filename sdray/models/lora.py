@@ -58,7 +58,7 @@ class LoraSpec:
 
 def weights_file(path: str) -> Path:
     """The local weights file of LoRA directory ``path`` (downloaded once if it is a URI)."""
-    from sdray.train.storage import local_copy
+    from sdray.storage import local_copy
 
     local = Path(local_copy(path))
     if not local.is_dir():

@@ -6,9 +6,7 @@ output shards (a shard never mixes input files).
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -16,10 +14,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from sdray import storage
 from sdray.errors import InputError
 from sdray.preprocess.config import PreprocessConfig
-
-_GLOB_CHARS = set("*?[")
 
 
 @dataclass(frozen=True)
@@ -29,7 +26,13 @@ class InputFile:
     path: str
     """Path inside ``filesystem`` (no scheme), as Ray Data's ``include_paths`` reports it."""
     size: int
-    """Bytes, from the listing; a changed size means the file changed since it was preprocessed."""
+    """Bytes, from the listing; with ``mtime_ns`` tells whether the file changed since it was preprocessed."""
+    mtime_ns: int = 0
+    """Modification time from the listing (object stores: last-modified); 0 if the file system has none."""
+
+    @classmethod
+    def from_info(cls, info: pafs.FileInfo) -> InputFile:
+        return cls(info.path, info.size, info.mtime_ns or 0)
 
     @property
     def key(self) -> str:
@@ -41,49 +44,25 @@ def unit_key(path: str) -> str:
     return hashlib.sha1(path.encode()).hexdigest()[:16]
 
 
-def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(file system, path inside it) for a local path (relative allowed) or a URI such as ``s3://b/k``."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-        raise InputError(f"cannot open {uri!r}: {exc}") from exc
-
-
 def _is_data_file(path: str) -> bool:
     name = path.rsplit("/", 1)[-1]
     return name.endswith(".parquet") and not name.startswith(("_", "."))
 
 
-def _glob_match(path: str, pattern: str) -> bool:
-    """Shell-style: `*`, `?`, `[...]` stay within one folder; `**` crosses folders."""
-    if "**" in pattern:
-        return fnmatch.fnmatchcase(path, pattern)
-    parts, pattern_parts = path.split("/"), pattern.split("/")
-    return len(parts) == len(pattern_parts) and all(
-        fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern_parts, strict=True)
-    )
-
-
 def _expand(fs: pafs.FileSystem, path: str, where: str) -> list[InputFile]:
-    if any(c in _GLOB_CHARS for c in path):
-        parts = path.split("/")
-        fixed = next(i for i, p in enumerate(parts) if any(c in _GLOB_CHARS for c in p))
-        base = "/".join(parts[:fixed]) or "/"
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        found = [i for i in infos if i.is_file and _glob_match(i.path, path) and _is_data_file(i.path)]
+    if storage.has_glob(path):
+        found = [i for i in storage.glob(fs, path) if _is_data_file(i.path)]
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"input {where!r} does not exist")
         if info.is_file:
-            return [InputFile(info.path, info.size)]
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        found = [i for i in infos if i.is_file and _is_data_file(i.path)]
+            return [InputFile.from_info(info)]
+        found = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.is_file]
+        found = [i for i in found if _is_data_file(i.path)]
     if not found:
         raise InputError(f"input {where!r} matches no .parquet files")
-    return [InputFile(i.path, i.size) for i in found]
+    return [InputFile.from_info(i) for i in found]
 
 
 def resolve_inputs(spec: str) -> tuple[pafs.FileSystem, list[InputFile]]:
@@ -91,7 +70,7 @@ def resolve_inputs(spec: str) -> tuple[pafs.FileSystem, list[InputFile]]:
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if not items:
         raise InputError("no input given (preprocess.input / --input)")
-    systems = [filesystem_for(item) for item in items]
+    systems = [storage.resolve(item) for item in items]
     fs = systems[0][0]
     if any(type(f) is not type(fs) for f, _ in systems):
         raise InputError(f"inputs {items} mix file systems; give one kind of location per run")
@@ -174,3 +153,15 @@ def _check_same_types(footers: dict[str, pq.FileMetaData], cfg: PreprocessConfig
                     f"column {column!r} is {a} in {first_path} but {b} in {path}; "
                     "one run needs one schema: preprocess these files separately"
                 )
+
+
+def read_ids(fs: pafs.FileSystem, files: list[InputFile], cfg: PreprocessConfig) -> dict[str, list[str]]:
+    """Input path -> its row ids as strings (as the cache stores them; missing ids left out), read in parallel."""
+
+    def ids(file: InputFile) -> list[str]:
+        with fs.open_input_file(file.path) as f:
+            values = pq.read_table(f, columns=[cfg.id_column]).column(cfg.id_column).to_pylist()
+        return [str(v) for v in values if v is not None]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return dict(zip((f.path for f in files), pool.map(ids, files), strict=True))

@@ -1,40 +1,38 @@
 """The output directory as the writer sees it: sidecars, atomic shard writes, and the resume manifest.
 
-Layout (besides the contract in :mod:`sdray.data.cache`)::
-
-    part-<unit>-<hash>.parquet     shards of one input file (<unit> = InputFile.key)
-    _manifest/<unit>.json          written last, when every row of that input file is in a shard or rejected
-    _rejects/<unit>.jsonl          rejected rows of that input file (only if any)
-    _summary.json, _config.yaml    totals over the manifest, and the resolved config of the last run
+The layout is the cache contract in :mod:`sdray.data.cache` (shards ``part-<unit>-<hash>.parquet``,
+``_manifest/<unit>.json``, ``_rejects/<unit>.jsonl``, ``_summary.json``, ``_config.yaml``).
 
 Resume rule: a unit with a manifest record is done and skipped; any other unit's shards and reject log are
-deleted before it is processed again, so a killed run never leaves duplicates. Local writes go to a hidden
-temp name and are renamed; object-store writes are atomic per object already.
+deleted before it is processed again, so a killed run never leaves duplicates; a shard of a finished unit
+that its record does not list (an orphan) is deleted too. Writes go through :mod:`sdray.storage` (atomic).
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from sdray.data.cache import INFO_FILE, CacheInfo, sidecar_files
+from sdray import storage
+from sdray.data.cache import (
+    ID,
+    INFO_FILE,
+    MANIFEST_DIR,
+    REJECTS_DIR,
+    CacheInfo,
+    UnitRecord,
+    read_manifest,
+    shard_unit,
+    sidecar_files,
+)
 from sdray.errors import ConfigError, InputError
-from sdray.preprocess.inputs import filesystem_for
 from sdray.preprocess.rejects import reject_log_lines
 
-MANIFEST_DIR = "_manifest"
-REJECTS_DIR = "_rejects"
-SUMMARY_FILE = "_summary.json"
-CONFIG_FILE = "_config.yaml"
-SHARD_PREFIX = "part-"
 # CacheInfo fields that must match to add rows to an existing cache (model_source is informational).
 _MUST_MATCH = (
     "encoder_fingerprint",
@@ -46,62 +44,19 @@ _MUST_MATCH = (
 )
 
 
-@dataclass
-class UnitRecord:
-    """The manifest record of one finished input file."""
-
-    input: str
-    size: int
-    rows: int
-    written: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    shards: list[str] = field(default_factory=list)
-    bytes_written: int = 0
-
-    @property
-    def accounted(self) -> int:
-        return self.written + sum(self.rejected.values())
-
-
-class OutputDir:
+class OutputDir(storage.Location):
     """A cache directory on any pyarrow file system; picklable, so write tasks receive it."""
 
     def __init__(self, uri: str) -> None:
         if not uri:
             raise InputError("no output given (preprocess.output / --output)")
-        self.uri = uri
-        self.fs, self.root = filesystem_for(uri)
-
-    def _path(self, *names: str) -> str:
-        return "/".join([self.root.rstrip("/"), *names])
-
-    def put(self, name: str, data: bytes) -> int:
-        """Write ``data`` to ``name`` (relative, may contain one folder) atomically; returns its size."""
-        target = self._path(name)
-        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        if not isinstance(self.fs, pafs.LocalFileSystem):
-            with self.fs.open_output_stream(target) as out:
-                out.write(data)
-            return len(data)
-        folder, base = target.rsplit("/", 1)
-        tmp = f"{folder}/.{base}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(data)
-        self.fs.move(tmp, target)
-        return len(data)
-
-    def read_text(self, name: str) -> str | None:
-        target = self._path(name)
-        if self.fs.get_file_info(target).type == pafs.FileType.NotFound:
-            return None
-        with self.fs.open_input_stream(target) as f:
-            return f.read().decode()
+        super().__init__(uri)
 
     def write_shard(self, name: str, table: pa.Table) -> int:
         """One parquet shard, written whole and atomically; returns bytes written."""
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        return self.put(name, sink.getvalue().to_pybytes())
+        return self.write_bytes(name, sink.getvalue().to_pybytes())
 
     def prepare(self, info: CacheInfo, empty_caption_embeds: np.ndarray) -> bool:
         """Create the cache sidecars, or check an existing cache was made by the same encoders/resolution.
@@ -115,9 +70,9 @@ class OutputDir:
         text = self.read_text(INFO_FILE)
         if text is None:
             for name, data in sidecar_files(info, empty_caption_embeds).items():
-                self.put(name, data)
+                self.write_bytes(name, data)
             return False
-        old = CacheInfo.from_json(text, where=self._path(INFO_FILE))
+        old = CacheInfo.from_json(text, where=self.path(INFO_FILE))
         diffs = [f"{k}: cache has {getattr(old, k)!r}, now {getattr(info, k)!r}" for k in _MUST_MATCH
                  if getattr(old, k) != getattr(info, k)]  # fmt: skip
         if diffs:
@@ -130,46 +85,52 @@ class OutputDir:
 
     def done(self) -> dict[str, UnitRecord]:
         """Manifest records of finished units, keyed by unit key."""
-        selector = pafs.FileSelector(self._path(MANIFEST_DIR), allow_not_found=True)
-        names = [i.path.rsplit("/", 1)[-1] for i in self.fs.get_file_info(selector) if i.is_file]
-        names = [n for n in names if n.endswith(".json") and not n.startswith(".")]
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            texts = list(pool.map(lambda n: self.read_text(f"{MANIFEST_DIR}/{n}"), names))
-        return {
-            n.removesuffix(".json"): UnitRecord(**json.loads(t)) for n, t in zip(names, texts, strict=True)
-        }
+        return read_manifest(self)
 
-    def clean(self, pending_keys: set[str]) -> int:
-        """Delete shards and reject logs of unfinished units and stale temp files; returns files deleted."""
-        infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True, allow_not_found=True))
+    def clean(self, pending_keys: set[str], done: dict[str, UnitRecord]) -> int:
+        """Delete leftovers of interrupted runs; returns files deleted.
+
+        Those are: shards and reject logs of unfinished units (``pending_keys``), shards of finished units
+        that their record does not list (``done``), and stale temp files.
+        """
+        listed = {name for record in done.values() for name in record.shards}
         doomed = []
-        for info in infos:
-            name = info.path.rsplit("/", 1)[-1]
+        for info in self.files():
+            name = info.base_name
             stale_tmp = name.startswith(".") and ".tmp-" in name
-            unit = name[len(SHARD_PREFIX) :].split("-", 1)[0] if name.startswith(SHARD_PREFIX) else None
+            unit = shard_unit(name)
+            orphan = unit in done and name not in listed
             rejects = (
                 info.path.endswith(f"{REJECTS_DIR}/{name}") and name.removesuffix(".jsonl") in pending_keys
             )
-            if info.is_file and (stale_tmp or unit in pending_keys or rejects):
+            if stale_tmp or unit in pending_keys or orphan or rejects:
                 doomed.append(info.path)
-        for path in doomed:
-            self.fs.delete_file(path)
+        self.delete(doomed)
         return len(doomed)
 
     def commit(self, key: str, record: UnitRecord, rejected_rows: list[dict[str, str]]) -> None:
         """Record a finished unit: its reject log first, then the manifest record (the commit point)."""
         if rejected_rows:
-            self.put(f"{REJECTS_DIR}/{key}.jsonl", reject_log_lines(rejected_rows))
-        self.put(f"{MANIFEST_DIR}/{key}.json", json.dumps(asdict(record), indent=1).encode())
+            self.write_bytes(f"{REJECTS_DIR}/{key}.jsonl", reject_log_lines(rejected_rows))
+        self.write_bytes(f"{MANIFEST_DIR}/{key}.json", json.dumps(asdict(record), indent=1).encode())
+
+    def written_ids(self, done: dict[str, UnitRecord]) -> dict[str, str]:
+        """Row id -> input file, over the shards of the finished units (reads only the id column)."""
+        owners = {}
+        for record in done.values():
+            for name in record.shards:
+                with self.fs.open_input_file(self.path(name)) as f:
+                    ids = pq.read_table(f, columns=[ID]).column(ID).to_pylist()
+                owners.update(dict.fromkeys(ids, record.input))
+        return owners
 
     def read_rejects(self) -> list[dict[str, str]]:
         """Every reject record of the cache (all units)."""
-        selector = pafs.FileSelector(self._path(REJECTS_DIR), allow_not_found=True)
         rows = []
-        for info in sorted(self.fs.get_file_info(selector), key=lambda i: i.path):
-            if info.is_file and info.path.endswith(".jsonl"):
-                with self.fs.open_input_stream(info.path) as f:
-                    rows += [json.loads(line) for line in f.read().decode().splitlines() if line]
+        for info in self.files(REJECTS_DIR, recursive=False):
+            if info.base_name.endswith(".jsonl"):
+                text = self.read_bytes(f"{REJECTS_DIR}/{info.base_name}").decode()
+                rows += [json.loads(line) for line in text.splitlines() if line]
         return rows
 
 
@@ -186,4 +147,5 @@ def totals(records: dict[str, UnitRecord]) -> dict[str, object]:
         "rejected_by_reason": dict(sorted(rejected.items())),
         "shards": sum(len(r.shards) for r in records.values()),
         "bytes_written": sum(r.bytes_written for r in records.values()),
+        "long_captions": sum(r.long_captions for r in records.values()),
     }

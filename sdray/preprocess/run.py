@@ -23,14 +23,14 @@ import torch
 
 from sdray.cluster import ensure_ray
 from sdray.config import dump_yaml
-from sdray.data.cache import CacheInfo
+from sdray.data.cache import CONFIG_FILE, SUMMARY_FILE, CacheInfo, UnitRecord
 from sdray.errors import ConfigError, InputError
 from sdray.models.components import SDComponents, load_components
 from sdray.models.fingerprint import encoder_fingerprint
 from sdray.pipeline_config import PipelineConfig
 from sdray.preprocess.dataset import build_dataset
-from sdray.preprocess.inputs import InputFile, resolve_inputs, row_counts
-from sdray.preprocess.manifest import CONFIG_FILE, SUMMARY_FILE, OutputDir, UnitRecord, totals
+from sdray.preprocess.inputs import InputFile, read_ids, resolve_inputs, row_counts
+from sdray.preprocess.manifest import OutputDir, totals
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,10 @@ class Ledger:
     def __init__(self, out: OutputDir, files: list[InputFile], counts: dict[str, int]) -> None:
         self.out = out
         self.keys = {f.path: f.key for f in files}
-        self.records = {f.path: UnitRecord(input=f.path, size=f.size, rows=counts[f.path]) for f in files}
+        self.records = {
+            f.path: UnitRecord(input=f.path, size=f.size, mtime_ns=f.mtime_ns, rows=counts[f.path])
+            for f in files
+        }
         self.rejects: dict[str, list[dict[str, str]]] = defaultdict(list)
         self.stage_s: Counter[str] = Counter()
         self.committed: list[UnitRecord] = []
@@ -98,6 +101,7 @@ class Ledger:
                 record.shards.append(e["name"])
             record.written += e["rows"]
             record.bytes_written += e["bytes"]
+            record.long_captions += e["long_captions"]
             self.stage_s.update({k: e[k] for k in ("decode_s", "encode_s", "write_s")})
         for path in touched:
             record = self.records[path]
@@ -120,16 +124,32 @@ class Ledger:
             raise RuntimeError(f"{len(self.records)} input file(s) incomplete (rows accounted/in): {missing}")
 
 
-def _pending(out: OutputDir, files: list[InputFile]) -> list[InputFile]:
-    done = out.done()
+def _pending(out: OutputDir, files: list[InputFile], done: dict[str, UnitRecord]) -> list[InputFile]:
+    """The input files without a manifest record; a finished file that changed since (size or mtime) is an
+    error: its rows in the cache are stale."""
     for f in files:
         record = done.get(f.key)
-        if record is not None and record.size != f.size:
+        if record is None:
+            continue
+        if record.size != f.size or (record.mtime_ns and f.mtime_ns and record.mtime_ns != f.mtime_ns):
             raise InputError(
-                f"{f.path} changed since it was preprocessed into {out.uri} ({record.size} -> {f.size} bytes); "
-                "write to a new output directory"
+                f"{f.path} changed since it was preprocessed into {out.uri} (size {record.size} -> {f.size} "
+                f"bytes, mtime_ns {record.mtime_ns} -> {f.mtime_ns}); write to a new output directory"
             )
     return [f for f in files if f.key not in done]
+
+
+def _check_unique_ids(
+    out: OutputDir, fs: Any, pending: list[InputFile], done: dict, cfg: PipelineConfig
+) -> None:
+    """Row ids must be unique across the whole cache: within and across input files, old and new."""
+    owners = out.written_ids(done) if pending else {}
+    for path, ids in read_ids(fs, pending, cfg.preprocess).items():
+        for row_id in ids:
+            if row_id in owners:
+                where = "twice in " + path if owners[row_id] == path else f"in {owners[row_id]} and {path}"
+                raise InputError(f"duplicate id {row_id!r} {where}; ids must be unique across the inputs")
+            owners[row_id] = path
 
 
 def _process(
@@ -160,9 +180,11 @@ def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     existed = out.prepare(info, empty_caption_embeds(components))
     del components
     load_s = time.perf_counter() - start
-    out.put(CONFIG_FILE, dump_yaml(cfg).encode())
-    pending = _pending(out, files)
-    cleaned = out.clean({f.key for f in pending})
+    out.write_bytes(CONFIG_FILE, dump_yaml(cfg).encode())
+    done = out.done()
+    pending = _pending(out, files, done)
+    cleaned = out.clean({f.key for f in pending}, done)
+    _check_unique_ids(out, fs, pending, done, cfg)
     log.info(
         "%s: %d input file(s), %d already done, %d to do%s",
         out.uri, len(files), len(files) - len(pending), len(pending),
@@ -174,7 +196,7 @@ def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     ledger = _process(cfg, out, fs, pending, info) if pending else None
     wall = time.perf_counter() - start
     summary = {**totals(out.done()), "cache_existed": existed, "this_run": _run_stats(ledger, wall, load_s)}
-    out.put(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+    out.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
     return summary
 
 

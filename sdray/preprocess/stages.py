@@ -24,7 +24,7 @@ from sdray.preprocess import rejects
 from sdray.preprocess.config import PreprocessConfig
 from sdray.preprocess.images import decode_pixels, open_checked, pick_caption
 from sdray.preprocess.inputs import unit_key
-from sdray.preprocess.manifest import SHARD_PREFIX, OutputDir
+from sdray.preprocess.manifest import OutputDir
 from sdray.preprocess.rejects import Rejected
 
 UNIT = "path"  # the column Ray Data's read_parquet(include_paths=True) adds: the input file of each row
@@ -40,6 +40,7 @@ EVENT_SCHEMA = pa.schema(
         ("decode_s", pa.float64()),
         ("encode_s", pa.float64()),
         ("write_s", pa.float64()),
+        ("long_captions", pa.int64()),  # written rows whose caption was truncated to the tokenizer's window
     ]
 )
 
@@ -94,14 +95,18 @@ def decode_batch(table: pa.Table, *, cfg: dict[str, Any], model_json: str) -> di
     tokenizer = _tokenizer(model_json)
     input_ids = np.zeros((n, tokenizer.model_max_length), np.int64)
     good = [i for i in range(n) if not reasons[i]]
+    long_caption = np.zeros(n, bool)
     if good:
+        texts = [captions[i] for i in good]
         input_ids[good] = tokenizer(
-            [captions[i] for i in good],
+            texts,
             padding="max_length",
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="np",
         ).input_ids
+        lengths = [len(t) for t in tokenizer(texts, verbose=False).input_ids]  # untruncated, with BOS/EOS
+        long_caption[good] = np.array(lengths) > tokenizer.model_max_length
     return {
         "id": np.array(ids, dtype=object),
         "caption": np.array(captions, dtype=object),
@@ -110,6 +115,7 @@ def decode_batch(table: pa.Table, *, cfg: dict[str, Any], model_json: str) -> di
         "detail": np.array(details, dtype=object),
         "pixels": pixels,
         "input_ids": input_ids,
+        "long_caption": long_caption,
         "decode_s": np.full(n, (time.perf_counter() - start) / max(n, 1)),
     }
 
@@ -117,7 +123,7 @@ def decode_batch(table: pa.Table, *, cfg: dict[str, Any], model_json: str) -> di
 def _shard_name(unit: str, ids: list[str]) -> str:
     """Named by the unit and the rows it holds, so a retried task overwrites instead of duplicating."""
     digest = hashlib.sha1("\0".join(ids).encode()).hexdigest()[:16]
-    return f"{SHARD_PREFIX}{unit_key(unit)}-{digest}.parquet"
+    return f"{cache.SHARD_PREFIX}{unit_key(unit)}-{digest}.parquet"
 
 
 def write_shards(batch: dict[str, np.ndarray], *, out: OutputDir, info_json: str) -> pa.Table:
@@ -156,6 +162,7 @@ def write_shards(batch: dict[str, np.ndarray], *, out: OutputDir, info_json: str
                 decode_s=float(batch["decode_s"][rows].sum()),
                 encode_s=float(batch["encode_s"][rows].sum()),
                 write_s=time.perf_counter() - start,
+                long_captions=int(batch["long_caption"][good].sum()) if good else 0,
             )
         )
     return pa.Table.from_pylist(events, schema=EVENT_SCHEMA)
@@ -164,7 +171,7 @@ def write_shards(batch: dict[str, np.ndarray], *, out: OutputDir, info_json: str
 def _event(
     unit: str, kind: str, name: str, rows: int, reason: str = "", detail: str = "", **extra: Any
 ) -> dict:
-    base = {"bytes": 0, "decode_s": 0.0, "encode_s": 0.0, "write_s": 0.0}
+    base = {"bytes": 0, "decode_s": 0.0, "encode_s": 0.0, "write_s": 0.0, "long_captions": 0}
     return {
         "unit": unit,
         "kind": kind,

@@ -30,11 +30,11 @@ from diffusers import (
 from PIL import Image
 
 from sdray.errors import InputError
-from sdray.io import atomic_write_bytes
 from sdray.models.components import SDComponents
 from sdray.models.lora import LoraSpec, load_loras
 from sdray.serve.config import SCHEDULER_NAMES, ServeConfig
 from sdray.serve.request import GenerationRequest, ModelInfo, check_request
+from sdray.storage import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -211,5 +211,5 @@ def generate_files(sampler: Sampler, req: GenerationRequest, cfg: ServeConfig, o
     images = sampler.generate([req], max_batch=cfg.max_batch_size)[0]
     paths = [out] if len(images) == 1 else [out.with_stem(f"{out.stem}-{i}") for i in range(len(images))]
     for path, image in zip(paths, images, strict=True):
-        atomic_write_bytes(path, to_png(image))
+        write_bytes(path, to_png(image))
     return paths

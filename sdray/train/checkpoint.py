@@ -3,8 +3,8 @@
 Layout of one checkpoint (Ray merges the files every rank reports into one directory):
 
     training_state.pt    shared TrainingState.state_dict() (rank 0): unet, optimizer, lr schedule, EMA, step,
-                         data position, metric history (with train.lora: the adapter's weights, optimizer
-                         state and EMA only)
+                         data position (metrics rows live in the run's metrics.jsonl, not here); with
+                         train.lora the unet, optimizer and EMA entries hold the adapter's weights only
     rng-rank{R}.pt       each rank's RNG states
     run.yaml             the resolved train + model config
     cache_info.json      CacheInfo of the data trained on
@@ -24,9 +24,10 @@ import yaml
 
 from sdray.config import from_dict, to_dict
 from sdray.data.cache import CacheInfo
-from sdray.errors import InputError, SdrayError
+from sdray.errors import ConfigError, InputError, SdrayError
 from sdray.models.config import ModelConfig
 from sdray.train.config import TrainConfig
+from sdray.train.seeds import Stream, stream_seed
 from sdray.train.state import TrainingState
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,13 @@ class RunSpec:
     """The configs a worker runs with; saved in every checkpoint so export needs nothing else."""
 
     train: TrainConfig
+    """With the objective resolved (`train.loss.prediction_type` set): see LossConfig.resolve."""
     model: ModelConfig
     info: CacheInfo
+
+    def __post_init__(self) -> None:
+        if not self.train.loss.prediction_type:
+            raise ConfigError("the run spec's objective is unresolved (train.loss.prediction_type is empty)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"train": to_dict(self.train), "model": to_dict(self.model), "cache_info": to_dict(self.info)}
@@ -85,8 +91,11 @@ def save(state: TrainingState, spec: RunSpec, rank: int, metrics: dict[str, Any]
     log.info("rank %d: checkpoint at step %d", rank, state.step)
 
 
-def load_into(directory: str | Path, state: TrainingState, rank: int, *, origin: str | None = None) -> None:
-    """Restore ``state`` from a checkpoint directory; a rank without saved RNG gets a fresh seeded one.
+def load_into(
+    directory: str | Path, state: TrainingState, rank: int, *, seed: int = 0, origin: str | None = None
+) -> None:
+    """Restore ``state`` from a checkpoint directory; a rank without saved RNG is re-seeded from (``seed``,
+    rank, step).
 
     ``origin`` names the checkpoint in errors when ``directory`` is a downloaded copy of it.
     """
@@ -99,7 +108,7 @@ def load_into(directory: str | Path, state: TrainingState, rank: int, *, origin:
     state.load_state_dict(shared, rng, origin=f"{origin}/{STATE_FILE}")
     if rng is None:  # the run was resumed with more workers than it was saved with
         log.warning("rank %d: no RNG state in %s; reseeding from the step", rank, origin)
-        state.generator.manual_seed(state.step * 7919 + rank)
+        state.generator.manual_seed(stream_seed(seed, Stream.RESEED, rank, state.step))
 
 
 def _load(path: Path, name: str, device: torch.device | str) -> dict[str, Any]:

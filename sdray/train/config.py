@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from sdray.errors import ConfigError
@@ -16,13 +16,47 @@ LoraInit = Literal["gaussian", "default"]
 
 @dataclass(kw_only=True, frozen=True)
 class LossConfig:
-    """The objective's options, taken from TrainConfig (see its field docs)."""
+    """The training objective (`train.loss`): the target, its weighting and the input perturbations.
 
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    Resolved once when a run starts (`resolve`): the run spec, every checkpoint and the exported model carry
+    the resolved section, so the loop, validation and export read one fixed objective.
+    """
+
+    prediction_type: PredictionType = ""
+    """Training target: `epsilon` or `v_prediction`; empty takes the model's scheduler setting when the run
+    starts (the resolved value is saved with the run)."""
     snr_gamma: float = 0.0
+    """Min-SNR-gamma loss weighting (https://arxiv.org/abs/2303.09556); 5.0 is the paper's value, 0 = off."""
     noise_offset: float = 0.0
+    """Std of a per-channel constant added to the noise (https://www.crosslabs.org/blog/diffusion-with-offset-noise)."""
     caption_dropout: float = 0.0
+    """Probability of replacing a caption with the stored empty-caption embedding (for classifier-free guidance)."""
     sample_posterior: bool = True
+    """Sample latents from the stored VAE posterior (mean + std * noise) when the cache has std."""
+
+    def __post_init__(self) -> None:
+        for name in ("snr_gamma", "noise_offset"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"loss.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+    def resolve(self, scheduler_config: Mapping[str, Any]) -> LossConfig:
+        """This objective for a model whose noise scheduler has ``scheduler_config``.
+
+        An empty `prediction_type` takes the scheduler's. A scheduler with ``rescale_betas_zero_snr`` (zero
+        terminal SNR: the last timestep is pure noise) needs v_prediction: there an epsilon prediction says
+        nothing about the image.
+        """
+        target = self.prediction_type or scheduler_config.get("prediction_type", "epsilon")
+        if target not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"prediction_type {target!r} is not supported (epsilon, v_prediction)")
+        if scheduler_config.get("rescale_betas_zero_snr", False) and target == "epsilon":
+            raise ConfigError(
+                "prediction_type epsilon cannot be trained on a zero-terminal-SNR schedule "
+                "(scheduler rescale_betas_zero_snr: true): use v_prediction"
+            )
+        return replace(self, prediction_type=target)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -96,21 +130,14 @@ class TrainConfig:
     max_steps: int = 100
     """Optimizer steps to train (a resumed run continues up to this step)."""
     seed: int = 0
-    """Seed of noise, timesteps, dropout and data order."""
+    """Seed of noise, timesteps, dropout and data order (>= 0); each stream's seed is derived from it, the
+    worker's rank and the stream's purpose (sdray/train/seeds.py)."""
     mixed_precision: MixedPrecision = "auto"
     """Autocast dtype: `auto` = bf16 on GPU, fp32 on CPU; `fp16` uses a gradient scaler; CPU is always fp32."""
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass (less memory, ~30% slower)."""
-    prediction_type: PredictionType = ""
-    """Training target: `epsilon` or `v_prediction`; empty uses the model's scheduler setting."""
-    snr_gamma: float = 0.0
-    """Min-SNR-gamma loss weighting (https://arxiv.org/abs/2303.09556); 5.0 is the paper's value, 0 = off."""
-    noise_offset: float = 0.0
-    """Std of a per-channel constant added to the noise (https://www.crosslabs.org/blog/diffusion-with-offset-noise)."""
-    caption_dropout: float = 0.0
-    """Probability of replacing a caption with the stored empty-caption embedding (for classifier-free guidance)."""
-    sample_posterior: bool = True
-    """Sample latents from the stored VAE posterior (mean + std * noise) when the cache has std."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The objective: prediction target, SNR weighting, noise offset, caption dropout, posterior sampling."""
     ema: bool = True
     """Keep an exponential moving average of the UNet weights (exported and used for validation)."""
     ema_decay: float = 0.9999
@@ -123,8 +150,9 @@ class TrainConfig:
     shuffle_buffer: int = 256
     """Rows in each worker's local shuffle buffer (seeded per epoch); 0 keeps the file order."""
     log_every: int = 10
-    """Report metrics to Ray Train and rewrite the metrics file every this many steps (and at every checkpoint);
-    the file keeps every step's row. Each report costs a round trip to the Ray Train controller."""
+    """Report metrics to Ray Train and append the steps since the last report to the metrics file every this
+    many steps (and at every checkpoint); the file keeps every step's row. Each report costs a round trip to
+    the Ray Train controller."""
     checkpoint_every: int = 50
     """Write a Ray Train checkpoint every this many steps (and at the last step)."""
     keep_checkpoints: int = 2
@@ -165,13 +193,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        for name in (
-            "snr_gamma", "noise_offset", "max_grad_norm", "warmup_steps", "max_failures", "prior_loss_weight",
-        ):  # fmt: skip
+        for name in ("seed", "max_grad_norm", "warmup_steps", "max_failures", "prior_loss_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.validate_every < -1 or self.shuffle_buffer < 0 or self.resolution < 0:
@@ -180,26 +204,3 @@ class TrainConfig:
             raise ConfigError(
                 "validation needs validation_prompts and validation_seeds (or validate_every: -1)"
             )
-
-    def loss_config(self, scheduler_config: Mapping[str, Any]) -> LossConfig:
-        """The loss options for a model whose noise scheduler has ``scheduler_config``.
-
-        An empty `prediction_type` takes the scheduler's. A scheduler with ``rescale_betas_zero_snr`` (zero
-        terminal SNR: the last timestep is pure noise) needs v_prediction: there an epsilon prediction says
-        nothing about the image.
-        """
-        target = self.prediction_type or scheduler_config.get("prediction_type", "epsilon")
-        if target not in ("epsilon", "v_prediction"):
-            raise ConfigError(f"prediction_type {target!r} is not supported (epsilon, v_prediction)")
-        if scheduler_config.get("rescale_betas_zero_snr", False) and target == "epsilon":
-            raise ConfigError(
-                "prediction_type epsilon cannot be trained on a zero-terminal-SNR schedule "
-                "(scheduler rescale_betas_zero_snr: true): use v_prediction"
-            )
-        return LossConfig(
-            prediction_type=target,  # type: ignore[arg-type]
-            snr_gamma=self.snr_gamma,
-            noise_offset=self.noise_offset,
-            caption_dropout=self.caption_dropout,
-            sample_posterior=self.sample_posterior,
-        )

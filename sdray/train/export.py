@@ -17,9 +17,10 @@ import yaml
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
+from sdray import storage
 from sdray.models import lora as lora_files
 from sdray.models.components import load_components, save_components
-from sdray.train import checkpoint, lora, storage
+from sdray.train import checkpoint, lora
 from sdray.train.checkpoint import RunSpec
 from sdray.train.validation import FROZEN_PARTS
 
@@ -45,13 +46,14 @@ def export_checkpoint(checkpoint_dir: str | Path, out_uri: str, *, use_ema: bool
         ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
         ema.load_state_dict(state["ema"])
         ema.copy_to(unet.parameters())
-    target = spec.train.loss_config(components.scheduler.config).prediction_type
-    components.scheduler = DDPMScheduler.from_config(components.scheduler.config, prediction_type=target)
+    components.scheduler = DDPMScheduler.from_config(
+        components.scheduler.config, prediction_type=spec.train.loss.prediction_type
+    )
     with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp:
         local = save_components(components, Path(tmp) / "model")
         info = {"step": state["step"], "weights": "ema" if use_ema and state["ema"] is not None else "raw"}
         (local / TRAIN_INFO_FILE).write_text(yaml.safe_dump({**info, **spec.to_dict()}, sort_keys=False))
-        storage.upload_dir(str(local), out_uri)
+        storage.publish_dir(str(local), out_uri)
     log.info("exported step %d (%s weights) to %s", state["step"], info["weights"], out_uri)
     return out_uri
 
@@ -64,7 +66,7 @@ def export_lora(
     The base UNet is rebuilt from the run's model config (on the CPU, fp32) only to carry the adapter.
     """
     unet = load_components(spec.model, ["unet"]).unet
-    params = lora.add_adapter(unet, spec.train.lora, seed=spec.train.seed)
+    params = lora.add_adapter(unet, spec.train.lora, seed=0)  # its init is replaced by the checkpoint's
     lora.load_adapter_state_dict(unet, state["unet"], origin=origin)
     ema = use_ema and state["ema"] is not None
     if ema:
@@ -81,7 +83,7 @@ def export_lora(
     with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp:
         local = lora.save_lora_dir(unet, Path(tmp), kohya=spec.train.lora.kohya)
         (local / lora_files.INFO_FILE).write_text(yaml.safe_dump(info, sort_keys=False))
-        storage.upload_dir(str(local), out_uri)
+        storage.publish_dir(str(local), out_uri)
     log.info(
         "exported the LoRA adapter of step %d (%s weights) to %s", state["step"], info["weights"], out_uri
     )

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sdray.data.reader import read_empty_caption
+from sdray import storage
+from sdray.data.cache import read_empty_caption
 from sdray.models.components import load_components
-from sdray.train import checkpoint, metrics, storage
+from sdray.train import checkpoint, metrics
 from sdray.train.checkpoint import RunSpec
 from sdray.train.config import LossConfig, TrainConfig
 from sdray.train.loss import (
@@ -37,6 +38,7 @@ from sdray.train.loss import (
     prepare_batch,
     prior_preservation_loss,
 )
+from sdray.train.seeds import Stream, stream_seed
 from sdray.train.state import StreamPosition, TrainingState, build_state
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,9 @@ def micro_batches(
             drop_last=True,  # every step sees full, equal batches on every rank
             prefetch_batches=2,
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=(cfg.seed * 1000 + state.epoch) * 100 + rank if cfg.shuffle_buffer else None,
+            local_shuffle_seed=stream_seed(cfg.seed, Stream.SHUFFLE, rank, state.epoch)
+            if cfg.shuffle_buffer
+            else None,
         ):
             seen += 1
             if seen <= skip:
@@ -130,7 +134,7 @@ class StepRunner:
     def step(self, batches: Iterator[dict]) -> tuple[float, float, float]:
         """Run one step; returns (loss averaged over ranks, grad norm, seconds waited for data)."""
         cfg, state = self.spec.train, self.state
-        loss_cfg = cfg.loss_config(self.scheduler.config)
+        loss_cfg = cfg.loss  # resolved once when the run started (RunSpec)
         total, waited = torch.zeros((), device=self.device), 0.0
         for micro in range(cfg.grad_accum_steps):
             start = time.perf_counter()
@@ -162,11 +166,12 @@ class StepRunner:
 
 
 def _publish(spec: RunSpec, state: TrainingState, rank: int, *, curve: bool) -> None:
-    """Rank 0 rewrites the metrics file (and the loss curve) from the state's history."""
-    if rank == 0 and state.history:
-        metrics.write_metrics(spec.train.output, state.history)
+    """Rank 0 appends the rows since the last call to the metrics file (and redraws the loss curve)."""
+    if rank == 0 and state.unpublished:
+        metrics.append_metrics(spec.train.output, state.unpublished)
         if curve:
-            metrics.write_loss_curve(spec.train.output, state.history)
+            metrics.write_loss_curve(spec.train.output)
+    state.unpublished = []
 
 
 def _start(spec: RunSpec, rank: int, world: int, device: torch.device) -> StepRunner:
@@ -178,7 +183,9 @@ def _start(spec: RunSpec, rank: int, world: int, device: torch.device) -> StepRu
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with storage.checkpoint_files(resumed) as directory:
-            checkpoint.load_into(directory, state, rank, origin=storage.checkpoint_uri(resumed))
+            checkpoint.load_into(
+                directory, state, rank, seed=spec.train.seed, origin=storage.checkpoint_uri(resumed)
+            )
         state.resumes += 1
         log.info(
             "rank %d: resumed at step %d (epoch %d, batch %d)",
@@ -187,10 +194,12 @@ def _start(spec: RunSpec, rank: int, world: int, device: torch.device) -> StepRu
             state.epoch,
             state.batches_in_epoch,
         )
+    if rank == 0:  # rows logged after the checkpoint (or by an earlier run) are trained again: drop them
+        metrics.truncate_metrics(spec.train.output, state.step)
     model = ray.train.torch.prepare_model(state.unet)  # DDP when world > 1; moves to the device
     scheduler = load_components(spec.model, ["scheduler"]).scheduler
     empty = torch.from_numpy(read_empty_caption(spec.train.data, spec.info)).to(device)
-    objective = make_objective(spec, empty, spec.train.loss_config(scheduler.config))
+    objective = make_objective(spec, empty, spec.train.loss)
     return StepRunner(spec, state, model, scheduler, empty, device, world, objective)
 
 
@@ -235,8 +244,7 @@ def train_worker(config: dict) -> None:
     if rank == 0 and cfg.validate_every >= 0:
         from sdray.train.validation import Validator
 
-        target = cfg.loss_config(runner.scheduler.config).prediction_type
-        validator = Validator(cfg, spec.model, target, device)
+        validator = Validator(cfg, spec.model, cfg.loss.prediction_type, device)
 
     # 4. Training loop: step, stop on a non-finite loss, record, checkpoint or report, validate.
     while state.step < cfg.max_steps:
@@ -255,7 +263,7 @@ def train_worker(config: dict) -> None:
         row = metrics.step_row(
             step=state.step, epoch=state.epoch, loss=loss, lr=lr, grad_norm=grad_norm, timing=timing
         )
-        state.history.append(row)
+        state.unpublished.append(row)
         _after_step(runner, row, rank, validator)
 
     # 5. End: the last step was checkpointed in the loop; publish the final metrics and loss curve.

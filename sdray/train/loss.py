@@ -123,6 +123,8 @@ def example_losses(
     draw: NoiseDraw,
 ) -> torch.Tensor:
     """(B,) float32: each example's weighted MSE between the UNet's prediction and the target."""
+    if cfg.prediction_type not in TARGETS:
+        raise ValueError(f"unresolved prediction_type {cfg.prediction_type!r}: use LossConfig.resolve first")
     noisy = scheduler.add_noise(batch.latents, draw.noise, draw.timesteps)  # (B, C, h, w)
     pred = unet(noisy, draw.timesteps, encoder_hidden_states=batch.text_embeds).sample  # (B, C, h, w)
     target = TARGETS[cfg.prediction_type](scheduler, batch.latents, draw.noise, draw.timesteps)

@@ -1,4 +1,10 @@
-"""Training metrics: one row per step, written as JSON lines beside the run, plus a loss-curve PNG."""
+"""Training metrics: one row per step, appended as JSON lines beside the run, plus a loss-curve PNG.
+
+Rows are appended (never rewritten) at every log step, so I/O grows with the rows written, not with the
+run's length; checkpoints do not carry them. A resumed run first cuts the file back to its checkpoint's step
+(rows written after that checkpoint were lost with the workers and are trained again), so no step is listed
+twice. On object stores, which have no append, each append rewrites the object.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sdray.train import storage
+from sdray import storage
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -31,10 +37,24 @@ def step_row(
     }
 
 
-def write_metrics(run_uri: str, history: Sequence[dict[str, Any]]) -> str:
-    """Rewrite ``<run>/metrics.jsonl`` from the history (so a resumed run never lists a step twice)."""
-    text = "".join(json.dumps(row) + "\n" for row in history)
-    return storage.write_bytes(storage.join(run_uri, METRICS_FILE), text.encode())
+def _lines(rows: Sequence[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def append_metrics(run_uri: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Append ``rows`` to ``<run>/metrics.jsonl``."""
+    if rows:
+        storage.append_bytes(storage.join(run_uri, METRICS_FILE), _lines(rows))
+
+
+def truncate_metrics(run_uri: str, step: int) -> None:
+    """Keep only the rows up to ``step`` (once, when a run resumes from the checkpoint at ``step``)."""
+    uri = storage.join(run_uri, METRICS_FILE)
+    if storage.exists(uri):
+        rows = read_metrics(run_uri)
+        kept = [row for row in rows if row["step"] <= step]
+        if len(kept) < len(rows):
+            storage.write_bytes(uri, _lines(kept))
 
 
 def read_metrics(run_uri: str) -> list[dict[str, Any]]:
@@ -74,5 +94,6 @@ def loss_curve_png(history: Sequence[dict[str, Any]], *, smooth: int = 20) -> by
     return buffer.getvalue()
 
 
-def write_loss_curve(run_uri: str, history: Sequence[dict[str, Any]]) -> str:
-    return storage.write_bytes(storage.join(run_uri, LOSS_CURVE_FILE), loss_curve_png(history))
+def write_loss_curve(run_uri: str) -> None:
+    """Draw ``<run>/loss_curve.png`` from the metrics file (at checkpoints and at the end)."""
+    storage.write_bytes(storage.join(run_uri, LOSS_CURVE_FILE), loss_curve_png(read_metrics(run_uri)))

@@ -14,12 +14,12 @@ from typing import Any
 
 import yaml
 
+from sdray import storage
 from sdray.cluster import ensure_ray
 from sdray.data.reader import ExpectedCache, open_cache
 from sdray.errors import ConfigError, InputError, SdrayError
-from sdray.models.config import ModelConfig
+from sdray.models.config import ModelConfig, saved_architecture
 from sdray.models.presets import PRESETS
-from sdray.train import storage
 from sdray.train.checkpoint import RunSpec
 from sdray.train.config import TrainConfig
 from sdray.train.loop import CLASS_DATASET, DIVERGED_FILE, train_worker
@@ -55,11 +55,7 @@ class TrainResult:
 def _arch(model_cfg: ModelConfig, part: str) -> dict[str, Any]:
     """The constructor config of ``part`` without building it."""
     if model_cfg.path:
-        name = "scheduler_config.json" if part == "scheduler" else "config.json"
-        uri = storage.join(model_cfg.path, part, name)  # local path or s3:// URI
-        if not storage.exists(uri):
-            raise InputError(f"model.path {model_cfg.path}: no {part}/{name}")
-        return json.loads(storage.read_bytes(uri))
+        return saved_architecture(model_cfg.path, part)
     return {**PRESETS[model_cfg.preset][part], **getattr(model_cfg, part)}
 
 
@@ -166,12 +162,6 @@ def _trainer(spec: RunSpec, datasets: dict[str, Any]):
     )
 
 
-def _remove(uri: str) -> None:
-    if storage.exists(uri):
-        fs, path = storage.resolve(uri)
-        fs.delete_file(path)
-
-
 def _raise_diverged(status_uri: str, result: Any) -> None:
     """Turn the workers' divergence record into an error naming the step and the checkpoint kept."""
     status = json.loads(storage.read_bytes(status_uri))
@@ -222,15 +212,16 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
 
     # 2. Open the cache(s) and refuse one made for another model or too small for one step.
     info, datasets = _open_data(cfg, model_cfg)
-    cfg.loss_config(_arch(model_cfg, "scheduler"))  # an objective that misfits the schedule fails here
+    # 3. Resolve the objective once against the model's schedule (a misfit fails here, not in a worker).
+    cfg = dataclasses.replace(cfg, loss=cfg.loss.resolve(_arch(model_cfg, "scheduler")))
     spec = RunSpec(train=cfg, model=model_cfg, info=info)
     storage.write_bytes(
         storage.join(output, CONFIG_FILE), yaml.safe_dump(spec.to_dict(), sort_keys=False).encode()
     )
 
-    # 3. Fit; Ray restarts failed workers from the last checkpoint (FailureConfig).
+    # 4. Fit; Ray restarts failed workers from the last checkpoint (FailureConfig).
     diverged_uri = storage.join(output, DIVERGED_FILE)
-    _remove(diverged_uri)  # left by an earlier attempt; this one resumes from its last good checkpoint
+    storage.remove(diverged_uri)  # left by an earlier attempt; this one resumes from its last good checkpoint
     if cfg.materialize:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
     result = _trainer(spec, datasets).fit()
@@ -238,7 +229,7 @@ def run_training(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
     if storage.exists(diverged_uri):
         _raise_diverged(diverged_uri, result)
 
-    # 4. Export the final weights: a diffusers model directory, or the LoRA adapter's directory.
+    # 5. Export the final weights: a diffusers model directory, or the LoRA adapter's directory.
     exported = None
     if cfg.export and latest is not None:
         from sdray.train.export import export_checkpoint

@@ -1,6 +1,6 @@
 """TrainingState: everything a resumed run needs, as one object with state_dict()/load_state_dict().
 
-The shared part (UNet, optimizer, LR schedule, EMA, gradient scaler, step, data position, metric history) is
+The shared part (UNet, optimizer, LR schedule, EMA, gradient scaler, step, data position) is
 identical on every DDP rank; the RNG part (this worker's noise generator and torch's global RNG) differs per
 rank and is saved per rank. With `train.lora` only the adapter trains: the saved "unet" entry, the optimizer
 and the EMA then hold the adapter's weights alone (the frozen base is rebuilt from the model config).
@@ -21,6 +21,7 @@ from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
 from sdray.train import lora
 from sdray.train.config import TrainConfig
+from sdray.train.seeds import Stream, stream_seed
 
 
 @dataclass
@@ -52,8 +53,8 @@ class TrainingState:
     """Micro-batches of the current epoch already consumed (skipped again on resume)."""
     class_stream: StreamPosition = field(default_factory=StreamPosition)
     """Position in the class-image stream (DreamBooth prior preservation; unused otherwise)."""
-    history: list[dict[str, Any]] = field(default_factory=list)
-    """One metrics row per completed step."""
+    unpublished: list[dict[str, Any]] = field(default_factory=list)
+    """Metrics rows of the steps since the last append to the metrics file (not checkpointed)."""
     resumes: int = 0
     """How many times this run was resumed from a checkpoint (worker restarts and command restarts)."""
     lora: bool = False
@@ -72,7 +73,6 @@ class TrainingState:
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
             "class_stream": [self.class_stream.epoch, self.class_stream.batches_in_epoch],
-            "history": list(self.history),
             "resumes": self.resumes,
         }
 
@@ -103,7 +103,6 @@ class TrainingState:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batches_in_epoch = int(state["batches_in_epoch"])
         self.class_stream = StreamPosition(*(int(v) for v in state.get("class_stream", (0, 0))))
-        self.history = list(state["history"])
         self.resumes = int(state["resumes"])
         if rng is not None:
             self.generator.set_state(rng["generator"])
@@ -126,8 +125,10 @@ def _unet(
     unet = load_components(model_cfg, ["unet"]).unet
     if cfg.lora.enabled:
         # Frozen weights only run forward: half precision on a GPU halves their memory; adapters stay fp32.
-        unet.to(device, dtype=frozen_dtype(cfg, device))
-        lora.add_adapter(unet, cfg.lora, seed=cfg.seed)
+        dtype = frozen_dtype(cfg, device)
+        if dtype != torch.float32:
+            unet.to(device, dtype=dtype)
+        lora.add_adapter(unet, cfg.lora, seed=stream_seed(cfg.seed, Stream.LORA_INIT, 0))
         cast_training_params(unet, dtype=torch.float32)
     unet.to(device)
     unet.train()
@@ -138,7 +139,7 @@ def _unet(
 
 def build_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, rank: int) -> TrainingState:
     """A fresh state: UNet (identical on every rank; LoRA-adapted if configured), AdamW, LR schedule, EMA."""
-    torch.manual_seed(cfg.seed * 1000 + rank)  # global RNG: dropout, if the UNet has any
+    torch.manual_seed(stream_seed(cfg.seed, Stream.GLOBAL, rank))  # dropout, if the UNet has any
     unet, params = _unet(cfg, model_cfg, device)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
@@ -157,7 +158,7 @@ def build_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, 
     scaler = torch.amp.GradScaler(
         device.type, enabled=cfg.mixed_precision == "fp16" and device.type == "cuda"
     )
-    generator = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + 17 + rank)
+    generator = torch.Generator("cpu").manual_seed(stream_seed(cfg.seed, Stream.GENERATOR, rank))
     return TrainingState(
         unet=unet,
         params=params,

@@ -15,9 +15,9 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
+from sdray import storage
 from sdray.models.components import SDComponents, load_components
 from sdray.models.config import ModelConfig
-from sdray.train import storage
 from sdray.train.config import TrainConfig
 
 log = logging.getLogger(__name__)

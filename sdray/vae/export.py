@@ -16,9 +16,9 @@ import torch
 from diffusers import AutoencoderKL
 
 from sdray.errors import ConfigError, InputError
-from sdray.io import atomic_dir
 from sdray.models.components import load_components, save_components
 from sdray.models.config import COMPONENT_NAMES, ModelConfig
+from sdray.storage import atomic_dir
 from sdray.vae.config import VaeTrainConfig
 from sdray.vae.data import PIXELS, to_model_input
 

@@ -27,10 +27,9 @@ from ray.train.torch import TorchTrainer, prepare_model
 from sdray.cluster import ensure_ray
 from sdray.config import from_dict, to_dict
 from sdray.errors import InputError
-from sdray.io import atomic_write_text
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
-from sdray.train.storage import checkpoint_files
+from sdray.storage import checkpoint_files, write_text
 from sdray.vae.config import VaeTrainConfig
 from sdray.vae.data import PIXELS, check_data_path, image_datasets, to_model_input
 from sdray.vae.export import STATE_FILE, export_vae
@@ -213,7 +212,7 @@ def train_vae(cfg: VaeTrainConfig, model_cfg: ModelConfig) -> VaeTrainResult:
     output.mkdir(parents=True, exist_ok=True)
     ensure_ray()  # join RAY_ADDRESS (`ray job submit` sets it) or start a private local Ray
     resolved = {"vae_train": to_dict(cfg), "model": to_dict(model_cfg)}
-    atomic_write_text(output / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    write_text(output / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     train_ds, val_ds = image_datasets(cfg)
     if cfg.materialize:
         _check_sizes(cfg, train_ds.count(), val_ds.count())
@@ -243,7 +242,7 @@ def train_vae(cfg: VaeTrainConfig, model_cfg: ModelConfig) -> VaeTrainResult:
     final = state["history"][-1]
     summary = {"psnr": final["psnr"], "steps": state["step"], "train_seconds": state["elapsed_s"]}
     summary |= {"scaling_factor": scaling, "history": state["history"]}
-    atomic_write_text(output / "metrics.json", json.dumps(summary, indent=2))
+    write_text(output / "metrics.json", json.dumps(summary, indent=2))
     log.info("VAE: %.2f dB held-out PSNR after %d steps (%.0f s); exported %s", final["psnr"], state["step"],
              state["elapsed_s"], vae_dir)  # fmt: skip
     return VaeTrainResult(
