@@ -87,7 +87,7 @@ def _check_source(out: OutputDir, source: dict[str, Any]) -> None:
 def _reject_events(rejected: list[dict[str, str]]) -> pa.Table:
     rows = [
         {"unit": r["input"], "kind": "reject", "name": r["id"], "rows": 0, "reason": r["reason"],
-         "detail": r["detail"], "bytes": 0, "decode_s": 0.0, "encode_s": 0.0, "write_s": 0.0}
+         "detail": r["detail"], "bytes": 0, "decode_s": 0.0, "encode_s": 0.0, "write_s": 0.0, "long_captions": 0}
         for r in rejected
     ]  # fmt: skip
     return pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)

@@ -124,6 +124,7 @@ def write_images(batch: dict[str, np.ndarray], *, out: OutputDir, model: str) ->
                 "decode_s": 0.0,
                 "encode_s": float(batch["sample_s"][rows].sum()),
                 "write_s": time.perf_counter() - start,
+                "long_captions": 0,
             }  # fmt: skip
         )
     return pa.Table.from_pylist(events, schema=EVENT_SCHEMA)
