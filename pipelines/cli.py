@@ -14,6 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("pipelines.data", "make data sets (`sdray data synth`: captioned synthetic scenes)"),
     "serve": ("pipelines.serve", "stage 3: the sampler as an HTTP service (Ray Serve) with a web page"),
     "generate": ("pipelines.generate", "text to image with the stage 3 sampler, without Serve"),
+    "batch-generate": (
+        "pipelines.batch_generate",
+        "prompt files -> image parquet (the layout `sdray preprocess` reads), on a Ray Data sampler pool",
+    ),
     "preprocess": (
         "pipelines.preprocess",
         "stage 1: image-caption parquet -> cached VAE latents + text embeddings",
@@ -21,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": (
         "pipelines.train",
         "stage 2: train the UNet on cached latents (Ray Train), resumable, exports a model",
+    ),
+    "dreambooth": (
+        "pipelines.dreambooth",
+        "DreamBooth: subject images + class images from the base model -> prior-preserving training",
     ),
     "export": ("pipelines.export", "export a training checkpoint as a diffusers model directory"),
     "train-vae": ("pipelines.train_vae", "train or fine-tune the VAE on an image parquet (Ray Train)"),

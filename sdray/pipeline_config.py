@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdray.batchgen.config import BatchGenerateConfig
 from sdray.config import apply_overrides, from_dict, load_yaml
 from sdray.data.synth import SynthConfig
+from sdray.dreambooth.config import DreamBoothConfig
 from sdray.errors import ConfigError
 from sdray.models.config import ARCHITECTURE_PARTS, ModelConfig, saved_architecture
 from sdray.preprocess.config import PreprocessConfig
@@ -40,6 +42,10 @@ class PipelineConfig:
     """`sdray serve` / `sdray generate`: stage 3."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment tracking of `sdray train` and `sdray train-vae` (MLflow, TensorBoard); see docs/train.md."""
+    batch_generate: BatchGenerateConfig = field(default_factory=BatchGenerateConfig)
+    """`sdray batch-generate`: offline generation over prompt files (request limits from `serve`)."""
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
+    """`sdray dreambooth`: subject images + class prior -> caches -> training (settings from the other sections)."""
 
 
 def resolve_config_path(name_or_path: str) -> Path:

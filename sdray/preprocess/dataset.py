@@ -1,4 +1,5 @@
-"""Every Ray Data call of stage 1, in one function: read -> decode (CPU tasks) -> encode (actors) -> write.
+"""Every Ray Data pipeline of sdray, one function each: stage 1 (read -> decode (CPU tasks) -> encode (actors)
+-> write) and batch generation (rows -> sampler actors -> write).
 
 Ray's `map_batches` arguments have changed across versions; keeping them here means one place to update.
 """
@@ -7,9 +8,11 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
+from sdray.batchgen.stages import SamplerActor, write_images
 from sdray.config import to_dict
 from sdray.data.cache import CacheInfo
 from sdray.errors import ConfigError
@@ -94,4 +97,40 @@ def build_dataset(
         batch_size=pre.rows_per_shard,
         num_cpus=pre.write_num_cpus,
         fn_kwargs={"out": out, "info_json": info.to_json()},
+    )
+
+
+def build_generation_dataset(cfg: PipelineConfig, rows: pa.Table, out: OutputDir) -> ray.data.Dataset:
+    """`sdray batch-generate`: prompt rows -> sampler actors -> shard writer; rows are write events."""
+    gen = cfg.batch_generate
+    total_cpus = ray.cluster_resources().get("CPU", 0.0)
+    if gen.concurrency * gen.num_cpus > total_cpus:
+        raise ConfigError(
+            f"the cluster has {total_cpus:g} CPUs but the sampler actors need {gen.concurrency * gen.num_cpus:g} "
+            "(batch_generate.concurrency x num_cpus); lower them or add nodes"
+        )
+    # One block per sampler batch, so every actor of the pool gets work from the first block on.
+    blocks = [rows.slice(i, gen.batch_size) for i in range(0, rows.num_rows, gen.batch_size)]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        SamplerActor,
+        batch_format="numpy",
+        batch_size=gen.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=gen.concurrency),
+        num_cpus=gen.num_cpus,
+        num_gpus=encoder_gpus(gen.num_gpus),
+        fn_constructor_kwargs={
+            "model": to_dict(cfg.model),
+            "loras": list(gen.loras),
+            "batch_size": gen.batch_size,
+            "threads": gen.threads,
+            "actors": gen.concurrency,
+        },
+    )
+    return ds.map_batches(
+        write_images,
+        batch_format="numpy",
+        batch_size=gen.rows_per_shard,
+        num_cpus=0,  # mostly I/O: never wait behind the samplers for a CPU
+        fn_kwargs={"out": out, "model": cfg.model.source},
     )

@@ -174,6 +174,11 @@ class TrainConfig:
     """Classifier-free guidance scale of the validation images."""
     resolution: int = 0
     """Expected cache resolution in pixels; 0 = the UNet's native size (sample_size x VAE downsample)."""
+    class_data: str = ""
+    """DreamBooth prior preservation: a latent cache of class images (same encoders as `data`); every batch
+    pairs batch_size instance rows with batch_size class rows. Empty = off."""
+    prior_loss_weight: float = 1.0
+    """Weight of the class-image (prior) MSE next to the instance MSE when `class_data` is set."""
     export: bool = True
     """Export a diffusers model directory to `<output>/model` at the end."""
     export_ema: bool = True
@@ -190,7 +195,7 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        for name in ("seed", "max_grad_norm", "warmup_steps", "max_failures"):
+        for name in ("seed", "max_grad_norm", "warmup_steps", "max_failures", "prior_loss_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.validate_every < -1 or self.shuffle_buffer < 0 or self.resolution < 0:

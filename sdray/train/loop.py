@@ -12,12 +12,14 @@ within the interrupted epoch some rows can be seen twice and others not at all; 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,14 +32,22 @@ from sdray.tracking.steps import WorkerTracking
 from sdray.train import checkpoint, metrics
 from sdray.train.bucket_batcher import BucketStore, bucket_micro_batches
 from sdray.train.checkpoint import RunSpec
-from sdray.train.config import TrainConfig
-from sdray.train.loss import diffusion_loss, draw_noise, prepare_batch
+from sdray.train.config import LossConfig, TrainConfig
+from sdray.train.loss import (
+    CachedBatch,
+    diffusion_loss,
+    draw_noise,
+    paired_batch,
+    prepare_batch,
+    prior_preservation_loss,
+)
 from sdray.train.seeds import Stream, stream_seed
-from sdray.train.state import TrainingState, build_state
+from sdray.train.state import StreamPosition, TrainingState, build_state
 
 log = logging.getLogger(__name__)
 
 DIVERGED_FILE = "diverged.json"
+CLASS_DATASET = "class"  # the Ray Train dataset name of DreamBooth's class-image cache
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -47,7 +57,9 @@ def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractConte
     return torch.autocast("cuda", dtype=torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16)
 
 
-def micro_batches(shard, cfg: TrainConfig, state: TrainingState, rank: int) -> Iterator[dict]:
+def micro_batches(
+    shard, cfg: TrainConfig, state: TrainingState | StreamPosition, rank: int
+) -> Iterator[dict]:
     """Endless micro-batches of this worker's shard, epoch after epoch; keeps the data position in ``state``."""
     skip = state.batches_in_epoch
     while True:
@@ -73,6 +85,49 @@ def micro_batches(shard, cfg: TrainConfig, state: TrainingState, rank: int) -> I
         state.batches_in_epoch = 0
 
 
+@dataclass(frozen=True)
+class Objective:
+    """How one data item becomes a batch and a loss, chosen once per run: plain, or DreamBooth pairs."""
+
+    prepare: Callable[[Any, torch.Generator], CachedBatch]
+    """(item from the batch iterator, generator) -> the UNet's inputs."""
+    loss: Callable[..., torch.Tensor]
+    """diffusion_loss, or prior_preservation_loss with its weight bound."""
+
+
+def make_objective(spec: RunSpec, empty_caption: torch.Tensor, loss_cfg: LossConfig) -> Objective:
+    """Plain batches, or (instance, class) pairs when ``train.class_data`` is set (both caches share CacheInfo)."""
+    prepare = functools.partial(prepare_batch, info=spec.info, empty_caption=empty_caption, cfg=loss_cfg)
+    if not spec.train.class_data:
+        return Objective(prepare=lambda raw, g: prepare(raw, generator=g), loss=diffusion_loss)
+    return Objective(
+        prepare=lambda pair, g: paired_batch(prepare(pair[0], generator=g), prepare(pair[1], generator=g)),
+        loss=functools.partial(prior_preservation_loss, prior_loss_weight=spec.train.prior_loss_weight),
+    )
+
+
+def data_stream(
+    spec: RunSpec, state: TrainingState, rank: int, world: int, device: torch.device
+) -> Iterator[Any]:
+    """This worker's micro-batches; with `class_data`, (instance, class) pairs from the two shards.
+
+    A bucketed cache goes through the bucket batcher (one shape per batch, equal batch counts per rank).
+    Both DreamBooth streams are endless and every rank takes one item per micro-batch, so all ranks run
+    the same number of steps whatever the sizes of the two caches.
+    """
+    import ray.train
+
+    cfg = spec.train
+    if spec.info.buckets:  # run_training refuses class_data with a bucketed cache
+        fs, shards = cache_shards(cfg.data)
+        return bucket_micro_batches(BucketStore.load(fs, shards, spec.info), cfg, state, rank, world, device)
+    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, state, rank)
+    if not cfg.class_data:
+        return batches
+    class_batches = micro_batches(ray.train.get_dataset_shard(CLASS_DATASET), cfg, state.class_stream, rank)
+    return zip(batches, class_batches, strict=True)
+
+
 @dataclass
 class StepRunner:
     """One optimizer step: grad-accumulated forward/backward, clip, AdamW, LR schedule, EMA."""
@@ -84,6 +139,7 @@ class StepRunner:
     empty_caption: torch.Tensor  # (77, D) on device
     device: torch.device
     world: int
+    objective: Objective
 
     def step(self, batches: Iterator[dict]) -> tuple[float, float, float]:
         """Run one step; returns (loss averaged over ranks, grad norm, seconds waited for data)."""
@@ -94,13 +150,13 @@ class StepRunner:
             start = time.perf_counter()
             raw = next(batches)
             waited += time.perf_counter() - start
-            batch = prepare_batch(raw, self.spec.info, self.empty_caption, loss_cfg, state.generator)
+            batch = self.objective.prepare(raw, state.generator)
             draw = draw_noise(batch.latents, self.scheduler, loss_cfg, state.generator)
             last = micro == cfg.grad_accum_steps - 1
             no_sync = self.model.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
             with no_sync:  # DDP all-reduces gradients only on the last micro-batch
                 with autocast(cfg, self.device):
-                    loss = diffusion_loss(self.model, self.scheduler, batch, loss_cfg, draw)
+                    loss = self.objective.loss(self.model, self.scheduler, batch, loss_cfg, draw)
                 state.scaler.scale(loss / cfg.grad_accum_steps).backward()
             total += loss.detach() / cfg.grad_accum_steps
         if self.world > 1:  # every rank sees the same loss, so all stop together on NaN
@@ -153,7 +209,8 @@ def _start(spec: RunSpec, rank: int, world: int, device: torch.device) -> StepRu
     model = ray.train.torch.prepare_model(state.unet)  # DDP when world > 1; moves to the device
     scheduler = load_components(spec.model, ["scheduler"]).scheduler
     empty = torch.from_numpy(read_empty_caption(spec.train.data, spec.info)).to(device)
-    return StepRunner(spec, state, model, scheduler, empty, device, world)
+    objective = make_objective(spec, empty, spec.train.loss)
+    return StepRunner(spec, state, model, scheduler, empty, device, world, objective)
 
 
 def _after_step(runner: StepRunner, row: dict, rank: int, validator, tracking: WorkerTracking) -> None:
@@ -193,13 +250,8 @@ def train_worker(config: dict) -> None:
     runner = _start(spec, rank, world, device)
     state = runner.state
 
-    # 3. Data: this worker's shard, streamed (a bucketed cache: the bucket batcher); rank 0 also validates.
-    if spec.info.buckets:
-        fs, shards = cache_shards(cfg.data)
-        store = BucketStore.load(fs, shards, spec.info)
-        batches = bucket_micro_batches(store, cfg, state, rank, world, device)
-    else:
-        batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, state, rank)
+    # 3. Data: this worker's micro-batches (streamed, or from the bucket batcher); rank 0 also validates.
+    batches = data_stream(spec, state, rank, world, device)
     validator = None
     if rank == 0 and cfg.validate_every >= 0:
         from sdray.train.validation import Validator

@@ -120,6 +120,23 @@ def loss_weights(scheduler: SchedulerMixin, t: torch.Tensor, cfg: LossConfig) ->
     return clipped / snr if cfg.prediction_type == "epsilon" else clipped / (snr + 1)
 
 
+def example_losses(
+    unet: UNet2DConditionModel | torch.nn.Module,
+    scheduler: SchedulerMixin,
+    batch: CachedBatch,
+    cfg: LossConfig,
+    draw: NoiseDraw,
+) -> torch.Tensor:
+    """(B,) float32: each example's weighted MSE between the UNet's prediction and the target."""
+    if cfg.prediction_type not in TARGETS:
+        raise ValueError(f"unresolved prediction_type {cfg.prediction_type!r}: use LossConfig.resolve first")
+    noisy = scheduler.add_noise(batch.latents, draw.noise, draw.timesteps)  # (B, C, h, w)
+    pred = unet(noisy, draw.timesteps, encoder_hidden_states=batch.text_embeds).sample  # (B, C, h, w)
+    target = TARGETS[cfg.prediction_type](scheduler, batch.latents, draw.noise, draw.timesteps)
+    per_example = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    return per_example * loss_weights(scheduler, draw.timesteps, cfg)
+
+
 def diffusion_loss(
     unet: UNet2DConditionModel | torch.nn.Module,
     scheduler: SchedulerMixin,
@@ -128,10 +145,32 @@ def diffusion_loss(
     draw: NoiseDraw,
 ) -> torch.Tensor:
     """Weighted MSE between the UNet's prediction and the target, averaged over the batch (a float32 scalar)."""
-    if cfg.prediction_type not in TARGETS:
-        raise ValueError(f"unresolved prediction_type {cfg.prediction_type!r}: use LossConfig.resolve first")
-    noisy = scheduler.add_noise(batch.latents, draw.noise, draw.timesteps)  # (B, C, h, w)
-    pred = unet(noisy, draw.timesteps, encoder_hidden_states=batch.text_embeds).sample  # (B, C, h, w)
-    target = TARGETS[cfg.prediction_type](scheduler, batch.latents, draw.noise, draw.timesteps)
-    per_example = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
-    return (per_example * loss_weights(scheduler, draw.timesteps, cfg)).mean()
+    return example_losses(unet, scheduler, batch, cfg, draw).mean()
+
+
+def paired_batch(instance: CachedBatch, klass: CachedBatch) -> CachedBatch:
+    """DreamBooth: instance rows first, then as many class rows; `prior_preservation_loss` splits them again."""
+    if instance.size != klass.size:
+        raise ValueError(f"prior preservation pairs equal batches, got {instance.size} and {klass.size}")
+    return CachedBatch(
+        latents=torch.cat([instance.latents, klass.latents]),  # (2B, C, h, w)
+        text_embeds=torch.cat([instance.text_embeds, klass.text_embeds]),  # (2B, 77, D)
+    )
+
+
+def prior_preservation_loss(  # noqa: PLR0913 - the loss signature plus the one weight
+    unet: UNet2DConditionModel | torch.nn.Module,
+    scheduler: SchedulerMixin,
+    batch: CachedBatch,
+    cfg: LossConfig,
+    draw: NoiseDraw,
+    *,
+    prior_loss_weight: float,
+) -> torch.Tensor:
+    """DreamBooth's objective on a `paired_batch`: instance MSE + prior_loss_weight x class MSE.
+
+    One UNet call over both halves, split with ``chunk(2)`` as diffusers' train_dreambooth.py does
+    (https://arxiv.org/abs/2208.12242, eq. 2: the class term keeps the model's prior for the class noun).
+    """
+    instance, klass = example_losses(unet, scheduler, batch, cfg, draw).chunk(2)  # (B,), (B,)
+    return instance.mean() + prior_loss_weight * klass.mean()

@@ -25,7 +25,7 @@ from sdray.tracking.config import TrackingConfig
 from sdray.train.bucket_batcher import SUMMARY_FILE, plan_summary
 from sdray.train.checkpoint import RunSpec
 from sdray.train.config import TrainConfig
-from sdray.train.loop import DIVERGED_FILE, train_worker
+from sdray.train.loop import CLASS_DATASET, DIVERGED_FILE, train_worker
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,32 @@ def expected_cache(cfg: TrainConfig, model_cfg: ModelConfig) -> ExpectedCache:
     )
 
 
+def open_class_cache(cfg: TrainConfig, expected: ExpectedCache, info: Any) -> Any:
+    """DreamBooth's class-image cache: encoded like the instance cache, enough rows for one step per worker."""
+    where = f"train.class_data {cfg.class_data}"
+    try:
+        cache = open_cache(cfg.class_data, expected)
+    except InputError as exc:
+        raise InputError(f"prior preservation needs class images; {where}: {exc}") from None
+    if cache.num_rows < cfg.batch_size * cfg.num_workers:
+        raise InputError(
+            f"prior preservation needs class images; {where} has {cache.num_rows} rows, one step needs "
+            f"batch_size x num_workers = {cfg.batch_size * cfg.num_workers}"
+        )
+    fields = ("latent_shape", "text_embeds_shape", "has_std", "vae_scaling_factor", "resolution")
+    diffs = [
+        f"{k} {getattr(cache.info, k)} vs {getattr(info, k)}"
+        for k in fields
+        if getattr(cache.info, k) != getattr(info, k)
+    ]
+    if diffs:
+        raise InputError(
+            f"{where} was preprocessed differently from train.data ({'; '.join(diffs)}); "
+            "preprocess instance and class images with the same settings"
+        )
+    return cache
+
+
 def check_lora(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """Refuse LoRA target modules the UNet lacks, on a weightless (meta device) UNet; no-op without LoRA."""
     if not cfg.lora.enabled:
@@ -162,7 +188,7 @@ def _check_same_kind(output: str, cfg: TrainConfig) -> None:
         )
 
 
-def _trainer(spec: RunSpec, dataset: Any, tracked: tracking_run.TrackingRun):
+def _trainer(spec: RunSpec, datasets: dict[str, Any], tracked: tracking_run.TrackingRun):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -185,7 +211,7 @@ def _trainer(spec: RunSpec, dataset: Any, tracked: tracking_run.TrackingRun):
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
-        datasets={"train": dataset} if dataset is not None else {},  # bucketed: workers read the cache
+        datasets=datasets,  # empty for a bucketed cache: the workers read it themselves
         dataset_config=DataConfig(execution_options=ingest),
     )
 
@@ -217,6 +243,23 @@ def write_plan_summary(output: str, counts: dict[str, int], cfg: TrainConfig) ->
         )  # fmt: skip
 
 
+def _open_data(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[Any, dict[str, Any]]:
+    """(the opened cache, Ray Train datasets): the cache, and DreamBooth's class cache with `class_data`."""
+    expected = expected_cache(cfg, model_cfg)
+    cache = open_cache(cfg.data, expected)
+    needed = cfg.batch_size * cfg.num_workers
+    if cache.num_rows < needed:
+        raise InputError(
+            f"{cfg.data}: {cache.num_rows} rows, but one step needs batch_size x num_workers = {needed}"
+        )
+    datasets = {} if cache.dataset is None else {"train": cache.dataset}  # bucketed: workers read the cache
+    if cfg.class_data:
+        if cache.info.buckets:
+            raise ConfigError(f"train.class_data (DreamBooth) needs a square cache; {cfg.data} is bucketed")
+        datasets[CLASS_DATASET] = open_class_cache(cfg, expected, cache.info).dataset
+    return cache, datasets
+
+
 def run_training(
     cfg: TrainConfig, model_cfg: ModelConfig, tracking: TrackingConfig | None = None
 ) -> TrainResult:
@@ -231,6 +274,7 @@ def run_training(
     cfg = dataclasses.replace(
         cfg,
         data=storage.absolute(cfg.data),
+        class_data=storage.absolute(cfg.class_data) if cfg.class_data else "",
         output=output,
         storage_path=storage.absolute(cfg.storage_path or storage.join(output, "ray")),
     )
@@ -241,13 +285,8 @@ def run_training(
     if done is not None:
         return done
 
-    # 2. Open the cache and refuse one made for another model or too small for one step.
-    cache = open_cache(cfg.data, expected_cache(cfg, model_cfg))
-    needed = cfg.batch_size * cfg.num_workers
-    if cache.num_rows < needed:
-        raise InputError(
-            f"{cfg.data}: {cache.num_rows} rows, but one step needs batch_size x num_workers = {needed}"
-        )
+    # 2. Open the cache(s) and refuse one made for another model or too small for one step.
+    cache, datasets = _open_data(cfg, model_cfg)
     # 3. Resolve the objective once against the model's schedule (a misfit fails here, not in a worker).
     cfg = dataclasses.replace(cfg, loss=cfg.loss.resolve(_arch(model_cfg, "scheduler")))
     spec = RunSpec(train=cfg, model=model_cfg, info=cache.info)
@@ -264,20 +303,23 @@ def run_training(
         tags={"sdray.cache_fingerprint": cache.info.encoder_fingerprint, "sdray.cache": cfg.data},
     )
     with tracking_run.failure_status(tracked):
-        result = _fit_and_export(spec, cache, tracked)
+        result = _fit_and_export(spec, cache, datasets, tracked)
     tracking_run.finish_run(tracked, model_uri=result.model or result.lora)
     return result
 
 
-def _fit_and_export(spec: RunSpec, cache: Any, tracked: tracking_run.TrackingRun) -> TrainResult:
+def _fit_and_export(
+    spec: RunSpec, cache: Any, datasets: dict[str, Any], tracked: tracking_run.TrackingRun
+) -> TrainResult:
     """Steps 4 and 5 of `run_training`: fit (resuming from Ray's latest checkpoint), then export."""
     cfg, output = spec.train, spec.train.output
     diverged_uri = storage.join(output, DIVERGED_FILE)
     storage.remove(diverged_uri)  # left by an earlier attempt; this one resumes from its last good checkpoint
     if cache.info.buckets:
         write_plan_summary(output, cache.bucket_counts, cfg)
-    dataset = cache.dataset.materialize() if cfg.materialize and cache.dataset is not None else cache.dataset
-    result = _trainer(spec, dataset, tracked).fit()
+    if cfg.materialize:
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    result = _trainer(spec, datasets, tracked).fit()
     latest = result.checkpoint
     if storage.exists(diverged_uri):
         _raise_diverged(diverged_uri, result)

@@ -25,6 +25,14 @@ from sdray.train.seeds import Stream, stream_seed
 
 
 @dataclass
+class StreamPosition:
+    """Where a second data stream (DreamBooth's class images) stands: same fields as TrainingState's own."""
+
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+@dataclass
 class TrainingState:
     unet: UNet2DConditionModel
     """The plain module (not the DDP wrapper), on the training device."""
@@ -43,6 +51,8 @@ class TrainingState:
     """Passes over this worker's shard started before the current one."""
     batches_in_epoch: int = 0
     """Micro-batches of the current epoch already consumed (skipped again on resume)."""
+    class_stream: StreamPosition = field(default_factory=StreamPosition)
+    """Position in the class-image stream (DreamBooth prior preservation; unused otherwise)."""
     unpublished: list[dict[str, Any]] = field(default_factory=list)
     """Metrics rows of the steps since the last append to the metrics file (not checkpointed)."""
     resumes: int = 0
@@ -62,6 +72,7 @@ class TrainingState:
             "step": self.step,
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
+            "class_stream": [self.class_stream.epoch, self.class_stream.batches_in_epoch],
             "resumes": self.resumes,
         }
 
@@ -91,6 +102,7 @@ class TrainingState:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batches_in_epoch = int(state["batches_in_epoch"])
+        self.class_stream = StreamPosition(*(int(v) for v in state.get("class_stream", (0, 0))))
         self.resumes = int(state["resumes"])
         if rng is not None:
             self.generator.set_state(rng["generator"])

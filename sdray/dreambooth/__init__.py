@@ -1,0 +1,1 @@
+"""`sdray dreambooth`: instance images + class images from the base model -> caches -> prior-preserving training."""
