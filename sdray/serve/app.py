@@ -22,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from sdray.config import from_dict, to_dict
 from sdray.models.config import ModelConfig
+from sdray.serve.adapters import AdapterCatalog, AdapterChoice, AdapterError
 from sdray.serve.api import create_api
 from sdray.serve.config import ServeConfig
 from sdray.serve.request import Generation, GenerationRequest, ModelInfo
@@ -60,7 +61,27 @@ class SDModel:
         self.failures = 0
         self.batches = 0
         self.largest_batch = 0
+        self._init_adapters()
         log.info("SDModel ready: %s, batches of <= %d", self.sampler.info, self.cfg.max_batch_size)
+
+    def _init_adapters(self) -> None:
+        """LoRA adapters from the store, loaded on first use and evicted LRU by Serve's model multiplexing."""
+        from sdray.serve.adapters import LoadedAdapter
+
+        self.catalog = AdapterCatalog(self.cfg.adapters)
+        # Every call into the multiplex LRU (load, and the eviction it may do first) and every UNet run hold
+        # this lock: an adapter is never added to or deleted from the UNet while a batch uses it.
+        self._unet_lock = asyncio.Lock()
+        self.adapter_loads = 0
+
+        async def load(model_id: str) -> LoadedAdapter:
+            uri = self.catalog.uri(model_id)
+            self.adapter_loads += 1
+            return await asyncio.to_thread(LoadedAdapter, self.sampler.pipe, model_id, uri)
+
+        # Set up here rather than as a decorated method: the LRU size is a config value. Serve detects a
+        # multiplexed function stored on the instance (ray.serve._private.utils._callable_uses_multiplexing).
+        self.get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.max_adapters_per_replica)(load)
 
     def info(self) -> ModelInfo:
         return self.sampler.info
@@ -68,9 +89,17 @@ class SDModel:
     def health(self) -> str:
         return "ok"
 
-    def stats(self) -> dict[str, int]:
-        """Batches run and the most requests seen in one batch (tests and benchmarks read this)."""
-        return {"batches": self.batches, "largest_batch": self.largest_batch}
+    def stats(self) -> dict[str, Any]:
+        """Batches run, the most requests in one batch, the adapters in the UNet and their size (tests read this)."""
+        from sdray.serve.adapters import loaded_adapters, lora_parameters
+
+        return {
+            "batches": self.batches,
+            "largest_batch": self.largest_batch,
+            "adapters": loaded_adapters(self.sampler.pipe),
+            "lora_parameters": lora_parameters(self.sampler.pipe),
+            "adapter_loads": self.adapter_loads,
+        }
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising makes Serve replace the replica."""
@@ -84,6 +113,10 @@ class SDModel:
         still running (ray/serve/batching.py `_process_batches`), so without the door a batch closes after
         `batch_wait_timeout_s` with whoever came by then, and a busy replica alternates half-full batches.
         """
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:  # load before batching: an adapter that fails to load fails this request alone
+            async with self._unet_lock:
+                await self.get_model(model_id)
         await self._idle.wait()
         return await self.generate_batch(req)
 
@@ -94,10 +127,10 @@ class SDModel:
         log.debug("batch of %d requests, buckets %s", len(requests), {r.bucket for r in requests})
         self._idle.clear()
         start = time.perf_counter()
-        try:  # in a thread: the event loop keeps accepting requests for the next batch meanwhile
-            images = await asyncio.to_thread(
-                self.sampler.generate, requests, max_batch=self.cfg.max_batch_size
-            )
+        try:
+            images = await self._generate_by_adapter(requests)
+        except AdapterError:  # an adapter's problem, not the replica's: not counted against its health
+            raise
         except Exception:
             self.failures += 1
             raise
@@ -109,6 +142,29 @@ class SDModel:
         pngs = [[to_png(image) for image in per_request] for per_request in images]
         model_ms = (time.perf_counter() - start) * 1000
         return [Generation(p, model_ms, len(requests)) for p in pngs]
+
+    async def _generate_by_adapter(self, requests: list[GenerationRequest]) -> list[Any]:
+        """The sampler's images, one UNet run per (adapter, scale) group: a batch never mixes adapters."""
+        from sdray.serve.adapters import activate
+
+        groups: dict[AdapterChoice, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(AdapterChoice(r.adapter, r.adapter_scale), []).append(i)
+        images: list[Any] = [None] * len(requests)
+        for choice, indices in groups.items():
+            async with self._unet_lock:
+                if choice.name:  # (re)loads it if a request for another adapter evicted it meanwhile
+                    await self.get_model(choice.name)
+
+                def run(choice: AdapterChoice = choice, indices: list[int] = indices) -> list[Any]:
+                    activate(self.sampler.pipe, choice)
+                    group = [requests[i] for i in indices]
+                    return self.sampler.generate(group, max_batch=self.cfg.max_batch_size)
+
+                # in a thread: the event loop keeps accepting requests for the next batch meanwhile
+                for i, result in zip(indices, await asyncio.to_thread(run), strict=True):
+                    images[i] = result
+        return images
 
 
 @serve.deployment(name="SDIngress")
@@ -125,6 +181,7 @@ class SDIngress:
             from_dict(ModelConfig, model_cfg, where="model"), ["tokenizer"]
         ).tokenizer
         self.api_key = os.environ.get(self.cfg.api_key_env) or None
+        self.adapters = AdapterCatalog(self.cfg.adapters)
         self._info: ModelInfo | None = None
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -146,6 +203,8 @@ class SDIngress:
         return len(self.tokenizer(text, truncation=False).input_ids)
 
     async def generate(self, req: GenerationRequest) -> Generation:
+        if req.adapter:  # Serve routes to a replica that holds the adapter, when one does
+            return await self.model.generate.options(multiplexed_model_id=req.adapter).remote(req)
         return await self.model.generate.remote(req)
 
 

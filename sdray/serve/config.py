@@ -64,6 +64,10 @@ class ServeConfig:
     """Classifier-free guidance scale when a request gives none (<= 1 disables guidance)."""
     default_scheduler: str = "euler"
     """Scheduler when a request gives none: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm."""
+    adapters: str | None = None
+    """LoRA adapter store: a directory or s3:// prefix with one subdirectory per adapter (docs/serve.md)."""
+    max_adapters_per_replica: int = 3
+    """Adapters one model replica keeps loaded (Serve multiplexing LRU); more evicts the least recently used."""
     api_key_env: str = "SDRAY_API_KEY"
     """Environment variable holding the bearer token; when it is set (non-empty) the API requires it."""
 
@@ -71,7 +75,13 @@ class ServeConfig:
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
         positive = ("max_batch_size", "max_ongoing_requests", "max_steps", "max_side", "max_images")
-        for name in (*positive, "max_body_bytes", "default_steps", "max_replicas"):
+        for name in (
+            *positive,
+            "max_body_bytes",
+            "default_steps",
+            "max_replicas",
+            "max_adapters_per_replica",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_ongoing_requests < self.max_batch_size:
