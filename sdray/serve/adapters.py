@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -161,7 +162,7 @@ class LoadedAdapter:
         self.loaded = True
 
     def __del__(self) -> None:
-        if getattr(self, "loaded", False):
+        if getattr(self, "loaded", False) and not sys.is_finalizing():
             self.loaded = False
             self.pipe.delete_adapters([self.name])  # drops the peft matrices: the memory is freed
             log.info("adapter %s unloaded", self.name)
