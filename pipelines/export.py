@@ -3,6 +3,8 @@
 sdray export --checkpoint runs/tiny/ray/train/checkpoint-step-00000050 --out runs/tiny-step50
     Writes unet/ (EMA weights unless --raw), vae/, text_encoder/, tokenizer/, scheduler/ and
     model_index.json; `StableDiffusionPipeline.from_pretrained(out)` and `sdray serve` load it.
+    A LoRA run's checkpoint (train.lora.enabled) exports its adapter instead: pytorch_lora_weights.safetensors
+    (diffusers' format) and sdray_lora.yaml, for `sdray generate --model BASE --lora out` (docs/finetune.md).
 Checkpoints and outputs may be URIs (s3://bucket/runs/x/ray/train/checkpoint-...).
 """
 

@@ -139,12 +139,14 @@ def test_state_round_trip_restores_adapter_optimizer_and_ema(tmp_path):
         assert torch.equal(state.unet(x, t, text).sample, fresh.unet(x, t, text).sample)
 
 
-def test_bad_lora_settings_are_named():
+def test_bad_lora_settings_are_named(tiny_model_dir):
     with pytest.raises(ConfigError, match="rank must be >= 1, got 0"):
         LoraConfig(rank=0)
     cfg = TrainConfig(lora=dataclasses.replace(LORA, target_modules=("to_q", "to_qq", "attn9")))
     with pytest.raises(ConfigError, match=r"'to_qq', 'attn9' match no Linear or Conv2d module.*to_out\.0"):
         check_lora(cfg, ModelConfig())
+    with pytest.raises(ConfigError, match="'to_qq', 'attn9' match no"):  # a pretrained base: its config.json
+        check_lora(cfg, ModelConfig(path=str(tiny_model_dir)))
     check_lora(
         TrainConfig(lora=dataclasses.replace(LORA, target_modules=("proj_in", "ff.net.2"))), ModelConfig()
     )
@@ -160,6 +162,37 @@ def test_cli_rank_zero_and_missing_target_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: train.lora.target_modules: 'to_x' matches no") and "\n" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_full_run_directory_does_not_resume_as_lora(tmp_path, capsys):
+    import yaml
+
+    from pipelines.train import main
+    from sdray.data.cache import CacheInfo
+    from sdray.train.checkpoint import RunSpec
+    from sdray.train.run import CONFIG_FILE
+
+    info = CacheInfo(
+        vae_scaling_factor=0.18215,
+        encoder_fingerprint="x",
+        resolution=64,
+        latent_shape=(4, 8, 8),
+        text_embeds_shape=(77, 32),
+    )
+    (tmp_path / "run").mkdir()
+    spec = RunSpec(train=TrainConfig(), model=ModelConfig(), info=info)
+    (tmp_path / "run" / CONFIG_FILE).write_text(yaml.safe_dump(spec.to_dict()))
+    args = [
+        "--data",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "train.lora.enabled=true",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'run'} holds a run trained with other train.lora.enabled")
 
 
 def test_export_loads_in_diffusers_like_sdray(tiny_model_dir, lora_dir):

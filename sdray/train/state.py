@@ -114,7 +114,9 @@ def _unet(
     unet = load_components(model_cfg, ["unet"]).unet
     if cfg.lora.enabled:
         # Frozen weights only run forward: half precision on a GPU halves their memory; adapters stay fp32.
-        unet.to(device, dtype=frozen_dtype(cfg, device))
+        dtype = frozen_dtype(cfg, device)
+        if dtype != torch.float32:
+            unet.to(device, dtype=dtype)
         lora.add_adapter(unet, cfg.lora, seed=cfg.seed)
         cast_training_params(unet, dtype=torch.float32)
     unet.to(device)
