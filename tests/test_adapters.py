@@ -100,7 +100,7 @@ def test_http_layer_chooses_adapters_and_names_problems(store):
         client.post("/sdapi/v1/txt2img", json={"prompt": "a cat <lora:blue:0.7>"}),
         client.post(
             "/v1/images/generations",
-            json={"prompt": "a cat"},
+            json={"prompt": "a cat", "lora_scale": 0.6},
             headers={"serve-multiplexed-model-id": "green"},
         ),
         client.post("/v1/images/generations", json={"prompt": "a cat", "model": "base"}),
@@ -109,7 +109,7 @@ def test_http_layer_chooses_adapters_and_names_problems(store):
     assert [(r.adapter, r.adapter_scale, r.prompt) for r in backend.seen] == [
         ("red", 0.5, "a cat"),
         ("blue", 0.7, "a cat"),
-        ("green", 1.0, "a cat"),
+        ("green", 0.6, "a cat"),
         ("", 1.0, "a cat"),
     ]
     r = client.post("/v1/images/generations", json={"prompt": "a cat", "model": "base:nope"})

@@ -145,7 +145,7 @@ def test_a1111_tag_and_header_choose_the_same_adapter(client, base, expected):
         json={**OPENAI, "lora_scale": 0.8},
         headers={"serve_multiplexed_model_id": "red"},
     )
-    assert np.array_equal(decode_png(r.json()["data"][0]["b64_json"]), tagged)
+    assert np.abs(decode_png(r.json()["data"][0]["b64_json"]).astype(int) - tagged).max() <= 1
     r = client.post(
         "/sdapi/v1/txt2img",
         json={**A1111, "prompt": "a red circle"},

@@ -210,7 +210,7 @@ def _choose_adapter(
             header = request.headers.get(MULTIPLEX_HEADER) or request.headers.get(
                 MULTIPLEX_HEADER.replace("_", "-")  # the form proxies such as nginx forward; Serve takes both
             )
-            choice = from_header(header, base)
+            choice = AdapterChoice(from_header(header, base).name, choice.scale)  # the body's scale
         check_name(choice, backend.adapters)
         return choice.apply(gen)
     except InputError as exc:
