@@ -3,6 +3,7 @@
 Laptop:   sdray serve                                  # tiny preset -> http://127.0.0.1:8000/ (web page)
           sdray serve --model runs/exp1/model --port 8080 --check   # check model folder and port only
           SDRAY_API_KEY=secret sdray serve             # clients then send `Authorization: Bearer secret`
+          sdray serve --model runs/base/model --adapters adapters/   # LoRA adapters: model "BASE:NAME"
 Cluster:  serve deploy pipelines/serve.yaml    # autoscaling, scale to zero: see docs/serve.md
           ray job submit --working-dir . -- sdray serve --model /shared/model --set serve.num_gpus=1
 Settings: the `serve` section (docs/config.md); the HTTP API: docs/serve.md. Ctrl-C stops the service.
@@ -21,6 +22,7 @@ FLAGS = {
     "port": "serve.port",
     "max_batch_size": "serve.max_batch_size",
     "num_gpus": "serve.num_gpus",
+    "adapters": "serve.adapters",
 }
 
 
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check", action="store_true", help="check the config, model directory and port, then exit"
     )
+    parser.add_argument("--adapters", help="LoRA adapter store: directory or s3:// prefix, one subdir each")
     args = parser.parse_args(argv)
 
     def body() -> None:

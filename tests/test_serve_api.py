@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from sdray.serve.adapters import AdapterCatalog
 from sdray.serve.api import create_api
 from sdray.serve.config import ServeConfig
 from sdray.serve.request import Generation, GenerationRequest, ModelInfo
@@ -25,6 +26,7 @@ class EchoBackend:
     def __init__(self) -> None:
         self.cfg = ServeConfig(max_body_bytes=1024)
         self.api_key = KEY
+        self.adapters = AdapterCatalog(None)
         self.generated = 0
 
     async def model_info(self) -> ModelInfo:

@@ -9,7 +9,7 @@ import os
 import shutil
 
 import pytest
-from serve_fixtures import free_port, running_app
+from serve_fixtures import free_port, make_adapter_store, running_app
 
 from sdray.models.config import ModelConfig
 from sdray.serve.config import ServeConfig
@@ -33,8 +33,11 @@ if shutil.which(CHROMIUM) is None:
 
 
 @pytest.fixture(scope="module")
-def url(ray_session):
-    cfg = ServeConfig(port=free_port(), default_steps=4, max_side=256, batch_wait_timeout_s=0.0)
+def url(ray_session, tmp_path_factory):
+    store = make_adapter_store(tmp_path_factory.mktemp("adapters"))
+    cfg = ServeConfig(
+        port=free_port(), default_steps=4, max_side=256, batch_wait_timeout_s=0.0, adapters=str(store)
+    )
     with running_app(cfg, ModelConfig(), api_key="") as base:
         yield base
 
@@ -79,3 +82,26 @@ def test_api_error_is_shown(page):
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
     error = page.text_content("#error")
     assert "HTTP 422" in error and "size" in error and "multiple of 8" in error
+
+
+def test_adapter_selector_sends_the_adapter_and_shows_its_image(page, url):
+    import httpx
+
+    page.wait_for_function("document.querySelectorAll('#adapter option').length > 1")
+    names = page.eval_on_selector_all("#adapter option", "options => options.map(o => o.textContent)")
+    assert names == ["none (base model)", "blue", "broken", "green", "red", "wide"]
+    page.fill("#prompt", "a large red circle")
+    page.fill("#steps", "3")
+    page.fill("#seed", "7")
+    page.fill("#size", "32x32")
+    page.fill("#n", "1")
+    page.select_option("#adapter", label="red")
+    page.fill("#lora_scale", "0.8")
+    with page.expect_response("**/v1/images/generations") as answer:
+        page.click("#generate")
+    body = answer.value.request.post_data_json
+    assert body["model"].endswith(":red") and body["lora_scale"] == 0.8
+    b64 = answer.value.json()["data"][0]["b64_json"]
+    page.wait_for_function("(b64) => document.querySelector('#images img').src.endsWith(b64)", arg=b64)
+    base = httpx.post(url + "/v1/images/generations", json={**body, "model": None}, timeout=300)
+    assert base.json()["data"][0]["b64_json"] != b64  # the adapter changed the image

@@ -15,16 +15,26 @@ import logging
 import re
 import secrets
 import time
+from dataclasses import replace
 from importlib.resources import files
 from typing import Any, Protocol
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray.serve.exceptions import BackPressureError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sdray.errors import InputError
+from sdray.serve.adapters import (
+    MULTIPLEX_HEADER,
+    AdapterCatalog,
+    AdapterChoice,
+    check_name,
+    from_header,
+    from_model_field,
+    strip_lora_tags,
+)
 from sdray.serve.config import ServeConfig
 from sdray.serve.request import Generation, GenerationRequest, ModelInfo, check_request
 from sdray.serve.schemas import (
@@ -50,6 +60,7 @@ class ImageBackend(Protocol):
 
     cfg: ServeConfig
     api_key: str | None
+    adapters: AdapterCatalog
 
     async def model_info(self) -> ModelInfo: ...
 
@@ -114,8 +125,9 @@ async def _validate_and_generate(
     except BackPressureError:
         retry = str(backend.cfg.retry_after_s)
         return _error(503, "server busy: the model queue is full, retry later", {"Retry-After": retry})
-    except InputError as exc:
-        return _error(422, str(exc))
+    except InputError as exc:  # from the model replica: Ray wraps it, keeping the original as `cause`
+        cause = getattr(exc, "cause", None) or exc
+        return _error(getattr(cause, "status", 422), str(cause))
 
 
 DRAIN_LIMIT_BYTES = 64 * 2**20
@@ -199,7 +211,8 @@ def create_api(backend: ImageBackend, *, count_rejections: bool = False) -> Fast
     return api
 
 
-def _model_list(info: ModelInfo, cfg: ServeConfig) -> ModelList:
+def _model_list(info: ModelInfo, cfg: ServeConfig, adapters: list[str]) -> ModelList:
+    """The base model's card, then one per adapter (id ``<base>:<adapter>``, parent the base)."""
     card = ModelCard(
         id=info.source,
         native_size=info.native_size,
@@ -209,7 +222,27 @@ def _model_list(info: ModelInfo, cfg: ServeConfig) -> ModelList:
         buckets=[f"{w}x{h}" for h, w in info.buckets],
         limits={"max_steps": cfg.max_steps, "max_side": cfg.max_side, "max_images": cfg.max_images},
     )
-    return ModelList(data=[card])
+    cards = [card.model_copy(update={"id": f"{info.source}:{a}", "parent": info.source}) for a in adapters]
+    return ModelList(data=[card, *cards])
+
+
+def _choose_adapter(
+    backend: ImageBackend, gen: GenerationRequest, choice: AdapterChoice, request: Request, base: str
+) -> GenerationRequest | JSONResponse:
+    """``gen`` with the adapter the body chose, else the one in Serve's multiplexed-model-id header.
+
+    Unknown adapter: 404 naming the known ones; a bad tag or scale: 422.
+    """
+    try:
+        if not choice.name:
+            header = request.headers.get(MULTIPLEX_HEADER) or request.headers.get(
+                MULTIPLEX_HEADER.replace("_", "-")  # the form proxies such as nginx forward; Serve takes both
+            )
+            choice = AdapterChoice(from_header(header, base).name, choice.scale)  # the body's scale
+        check_name(choice, backend.adapters)
+        return choice.apply(gen)
+    except InputError as exc:
+        return _error(getattr(exc, "status", 422), str(exc))
 
 
 def _add_info_routes(api: FastAPI, backend: ImageBackend) -> None:
@@ -230,7 +263,20 @@ def _add_info_routes(api: FastAPI, backend: ImageBackend) -> None:
     @api.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
         """The served model: native size, size multiple, token limit, schedulers and request limits."""
-        return _model_list(await backend.model_info(), backend.cfg)
+        return _model_list(await backend.model_info(), backend.cfg, list(backend.adapters.adapters))
+
+    @api.get("/sdapi/v1/loras")
+    async def loras() -> list[dict[str, Any]]:
+        """The adapter store's listing, AUTOMATIC1111's shape; use one with `<lora:name:weight>` in a prompt."""
+        return [
+            {"name": name, "alias": name, "path": uri, "metadata": {}}
+            for name, uri in backend.adapters.adapters.items()
+        ]
+
+    @api.post("/sdapi/v1/refresh-loras")
+    async def refresh_loras() -> None:
+        """List the adapter store again (adapters added or removed since start)."""
+        backend.adapters.refresh()
 
     @api.get("/sdapi/v1/samplers")
     async def samplers() -> list[dict[str, Any]]:
@@ -239,9 +285,22 @@ def _add_info_routes(api: FastAPI, backend: ImageBackend) -> None:
 
 def _add_generation_routes(api: FastAPI, backend: ImageBackend) -> None:
     @api.post("/v1/images/generations", response_model=ImagesResponse)
-    async def images_generations(body: ImagesRequest, response: Response) -> ImagesResponse | JSONResponse:
-        """Text to image, OpenAI images API shape; `data[i].seed` reproduces image i."""
-        gen = body.to_generation(backend.cfg, await backend.model_info())
+    async def images_generations(
+        body: ImagesRequest, request: Request, response: Response
+    ) -> ImagesResponse | JSONResponse:
+        """Text to image, OpenAI images API shape; `data[i].seed` reproduces image i.
+
+        `model: "<base>:<adapter>"` applies a LoRA adapter of the store at `lora_scale` (default 1).
+        """
+        info = await backend.model_info()
+        try:
+            chosen = from_model_field(body.model, info.source)
+        except InputError as exc:
+            return _error(getattr(exc, "status", 422), str(exc))
+        choice = AdapterChoice(chosen.name, 1.0 if body.lora_scale is None else body.lora_scale)
+        gen = _choose_adapter(backend, body.to_generation(backend.cfg, info), choice, request, info.source)
+        if isinstance(gen, JSONResponse):
+            return gen
         result = await _run(backend, gen, "openai", response)
         if isinstance(result, JSONResponse):
             return result
@@ -252,9 +311,24 @@ def _add_generation_routes(api: FastAPI, backend: ImageBackend) -> None:
         return ImagesResponse(created=int(time.time()), data=data)
 
     @api.post("/sdapi/v1/txt2img", response_model=Txt2ImgResponse)
-    async def txt2img(body: Txt2ImgRequest, response: Response) -> Txt2ImgResponse | JSONResponse:
-        """Text to image, AUTOMATIC1111 API shape; `info` is a JSON string with `all_seeds`."""
-        gen = body.to_generation(backend.cfg, await backend.model_info())
+    async def txt2img(
+        body: Txt2ImgRequest, request: Request, response: Response
+    ) -> Txt2ImgResponse | JSONResponse:
+        """Text to image, AUTOMATIC1111 API shape; `info` is a JSON string with `all_seeds`.
+
+        A `<lora:name:weight>` tag in the prompt applies that adapter (the tag is removed from the text).
+        """
+        info = await backend.model_info()
+        try:
+            prompt, tag = strip_lora_tags(body.prompt)
+        except InputError as exc:
+            return _error(getattr(exc, "status", 422), str(exc))
+        plain = body.to_generation(backend.cfg, info)
+        gen = _choose_adapter(
+            backend, replace(plain, prompt=prompt), tag or AdapterChoice(), request, info.source
+        )
+        if isinstance(gen, JSONResponse):
+            return gen
         result = await _run(backend, gen, "a1111", response)
         if isinstance(result, JSONResponse):
             return result

@@ -25,9 +25,10 @@ from ray.serve.handle import DeploymentHandle
 from sdray.config import from_dict, to_dict
 from sdray.errors import InputError, SdrayError
 from sdray.models.config import ModelConfig
+from sdray.serve.adapters import AdapterCatalog, AdapterChoice, AdapterError
 from sdray.serve.api import create_api
 from sdray.serve.config import ServeConfig
-from sdray.serve.metrics import ModelMetrics, metrics_url
+from sdray.serve.metrics import BASE_MODEL, ModelMetrics, metrics_url
 from sdray.serve.request import Generation, GenerationRequest, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,27 @@ class SDModel:
         self.batches = 0
         self.largest_batch = 0
         self.metrics = ModelMetrics()
+        self._init_adapters()
         log.info("SDModel ready: %s, batches of <= %d", self.sampler.info, self.cfg.max_batch_size)
+
+    def _init_adapters(self) -> None:
+        """LoRA adapters from the store, loaded on first use and evicted LRU by Serve's model multiplexing."""
+        from sdray.serve.adapters import LoadedAdapter
+
+        self.catalog = AdapterCatalog(self.cfg.adapters)
+        # Every call into the multiplex LRU (load, and the eviction it may do first) and every UNet run hold
+        # this lock: an adapter is never added to or deleted from the UNet while a batch uses it.
+        self._unet_lock = asyncio.Lock()
+        self.adapter_loads = 0
+
+        async def load(model_id: str) -> LoadedAdapter:
+            uri = self.catalog.uri(model_id)
+            self.adapter_loads += 1
+            return await asyncio.to_thread(LoadedAdapter, self.sampler.pipe, model_id, uri)
+
+        # Set up here rather than as a decorated method: the LRU size is a config value. Serve detects a
+        # multiplexed function stored on the instance (ray.serve._private.utils._callable_uses_multiplexing).
+        self.get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.max_adapters_per_replica)(load)
 
     def info(self) -> ModelInfo:
         return self.sampler.info
@@ -73,9 +94,19 @@ class SDModel:
     def health(self) -> str:
         return "ok"
 
-    def stats(self) -> dict[str, int]:
-        """Batches run, the most requests seen in one batch, and consecutive failed batches (for tests)."""
-        return {"batches": self.batches, "largest_batch": self.largest_batch, "failures": self.failures}
+    def stats(self) -> dict[str, Any]:
+        """Batches run, the most requests in one batch, consecutive failed batches, and the adapters in the
+        UNet with their size (tests read this)."""
+        from sdray.serve.adapters import loaded_adapters, lora_parameters
+
+        return {
+            "batches": self.batches,
+            "largest_batch": self.largest_batch,
+            "failures": self.failures,
+            "adapters": loaded_adapters(self.sampler.pipe),
+            "lora_parameters": lora_parameters(self.sampler.pipe),
+            "adapter_loads": self.adapter_loads,
+        }
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising makes Serve replace the replica."""
@@ -91,6 +122,10 @@ class SDModel:
         The batch hands back one future per request, resolved when that request's bucket is done.
         """
         arrived = time.perf_counter()
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:  # load before batching: an adapter that fails to load fails this request alone
+            async with self._unet_lock:
+                await self.get_model(model_id)
         await self._idle.wait()
         result = await (await self.generate_batch(req))
         self.metrics.record_queue_wait(time.perf_counter() - arrived - result.model_ms / 1000)
@@ -118,7 +153,9 @@ class SDModel:
                     if futures[i].done():  # its caller went away (cancelled the future)
                         continue
                     if isinstance(result, Exception):
-                        failed += 1
+                        failed += not isinstance(
+                            result, AdapterError
+                        )  # an adapter's fault is not the replica's
                         futures[i].set_exception(result)
                     else:
                         futures[i].set_result(Generation(result, model_ms, len(requests)))
@@ -128,25 +165,39 @@ class SDModel:
                 if not future.done():
                     future.set_exception(RuntimeError("the batch stopped before this request ran"))
         self.failures = self.failures + 1 if failed == len(requests) else 0
-        self.metrics.record_batch(
-            requests, sampler_s=time.perf_counter() - start, max_batch=self.cfg.max_batch_size
-        )
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(requests))
 
     async def _run_group(self, group: list[GenerationRequest]) -> list[list[bytes] | Exception]:
-        """PNGs of each request of one bucket (in a thread: the event loop keeps accepting requests)."""
+        """PNGs of each request of one bucket (one adapter and scale), in a thread: the event loop keeps
+        accepting requests. The UNet lock keeps the adapter loaded and active for the whole run."""
+        choice = AdapterChoice(group[0].adapter, group[0].adapter_scale)
         try:
-            return await asyncio.to_thread(self._pngs, group)
+            async with self._unet_lock:
+                if choice.name:  # (re)loads it if a request for another adapter evicted it meanwhile
+                    await self.get_model(choice.name)
+                start = time.perf_counter()
+                pngs = await asyncio.to_thread(self._pngs, group, choice)
+            self.metrics.record_batch(  # per UNet group: one adapter, one shape; failed requests not counted
+                group,
+                sampler_s=time.perf_counter() - start,
+                max_batch=self.cfg.max_batch_size,
+                adapter=choice.name or BASE_MODEL,
+            )
+            return pngs
+        except AdapterError as exc:  # the adapter's fault: every request that asked for it
+            return [exc] * len(group)
         except Exception as exc:  # handed to the caller(s)
             if len(group) == 1:
                 log.warning("request failed in the sampler: %s", exc)
                 return [exc]
         return [(await self._run_group([req]))[0] for req in group]  # isolate the request at fault
 
-    def _pngs(self, group: list[GenerationRequest]) -> list[list[bytes]]:
+    def _pngs(self, group: list[GenerationRequest], choice: AdapterChoice) -> list[list[bytes]]:
+        from sdray.serve.adapters import activate
         from sdray.serve.sampler import to_png
 
+        activate(self.sampler.pipe, choice)
         images = self.sampler.generate(group, max_batch=self.cfg.max_batch_size)
         return [[to_png(image) for image in per_request] for per_request in images]
 
@@ -155,7 +206,7 @@ def _buckets_by_cost(requests: list[GenerationRequest]) -> list[list[int]]:
     """Request indices grouped by bucket, cheapest bucket (steps x pixels x images) first."""
     groups: dict[tuple, list[int]] = {}
     for i, req in enumerate(requests):
-        groups.setdefault(req.bucket, []).append(i)
+        groups.setdefault((req.bucket, req.adapter, req.adapter_scale), []).append(i)  # never mix adapters
 
     def cost(group: list[int]) -> int:
         first = requests[group[0]]
@@ -178,6 +229,7 @@ class SDIngress:
             from_dict(ModelConfig, model_cfg, where="model"), ["tokenizer"]
         ).tokenizer
         self.api_key = os.environ.get(self.cfg.api_key_env) or None
+        self.adapters = AdapterCatalog(self.cfg.adapters)
         self._info: ModelInfo | None = None
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -199,6 +251,8 @@ class SDIngress:
         return len(self.tokenizer(text, truncation=False).input_ids)
 
     async def generate(self, req: GenerationRequest) -> Generation:
+        if req.adapter:  # Serve routes to a replica that holds the adapter, when one does
+            return await self.model.generate.options(multiplexed_model_id=req.adapter).remote(req)
         return await self.model.generate.remote(req)
 
 

@@ -70,6 +70,10 @@ class ServeConfig:
     or `warn` and generate it anyway. Models without recorded buckets accept any size."""
     bucket_tolerance: float = 0.25
     """Near a trained bucket: aspect ratios within this in log space (0.25 ~ 28%) and areas within 2x."""
+    adapters: str | None = None
+    """LoRA adapter store: a directory or s3:// prefix with one subdirectory per adapter (docs/serve.md)."""
+    max_adapters_per_replica: int = 3
+    """Adapters one model replica keeps loaded (Serve multiplexing LRU); more evicts the least recently used."""
     api_key_env: str = "SDRAY_API_KEY"
     """Environment variable holding the bearer token; when it is set (non-empty) the API requires it."""
 
@@ -77,7 +81,13 @@ class ServeConfig:
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
         positive = ("max_batch_size", "max_ongoing_requests", "max_steps", "max_side", "max_images")
-        for name in (*positive, "max_body_bytes", "default_steps", "max_replicas"):
+        for name in (
+            *positive,
+            "max_body_bytes",
+            "default_steps",
+            "max_replicas",
+            "max_adapters_per_replica",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_ongoing_requests < self.max_batch_size:

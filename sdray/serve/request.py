@@ -23,6 +23,10 @@ class GenerationRequest:
     guidance_scale: float
     scheduler: str
     negative_prompt: str = ""
+    adapter: str = ""
+    """LoRA adapter of the store (``serve.adapters``) to apply; empty: the base model."""
+    adapter_scale: float = 1.0
+    """Scale of the adapter's update (1 = as trained)."""
 
     @property
     def bucket(self) -> tuple[int, int, int, float, str]:

@@ -68,8 +68,9 @@ class ImagesRequest(BaseModel):
     )
     response_format: Literal["b64_json"] = Field("b64_json", description="Only base64 PNG is served.")
     model: str | None = Field(
-        None, description="Accepted for compatibility; the deployment serves one model."
+        None, description="The base model's id, or '<base>:<adapter>' for a LoRA adapter (GET /v1/models)."
     )
+    lora_scale: float | None = Field(None, description="Scale of the adapter's update; default 1.")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What to steer away from.")
     steps: int | None = Field(
         None, ge=1, le=1000, description="Denoising steps; default serve.default_steps."
@@ -185,6 +186,7 @@ class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     owned_by: str = "sdray"
+    parent: str | None = Field(None, description="For a LoRA adapter: the base model's id.")
     native_size: int = Field(description="Default width and height in pixels.")
     size_multiple: int = Field(description="Width and height must be multiples of this.")
     max_tokens: int = Field(description="Prompt token limit, start and end tokens included.")
