@@ -23,6 +23,7 @@ DOC_ORDER = (
     "README.md",
     "docs/preprocess.md",
     "docs/train.md",
+    "docs/finetune.md",
     "docs/serve.md",
     "docs/demo.md",
     "docs/cluster.md",
