@@ -28,6 +28,7 @@ from sdray.train.run import run_training
 pytestmark = pytest.mark.slow  # each Ray Train run starts worker processes: ~15-40 s apiece on 2 cores
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_loss.txt"
+GOLDEN_2W = Path(__file__).parent / "golden" / "tiny_loss_2workers.txt"
 STEPS = 16
 
 
@@ -94,6 +95,13 @@ def test_run_writes_metrics_checkpoints_validation_and_matches_golden(baseline):
     assert grids == ["step-00000008.png", "step-00000016.png"]
     assert Image.open(out / "validation" / grids[0]).size == (2 * 64, 2 * 64)  # 2 seeds x 2 prompts
     assert_golden(GOLDEN, rows, list(range(1, STEPS + 1)))
+
+
+def test_two_worker_run_matches_golden(ray_session, train_cache, tmp_path):
+    """DDP over 2 workers, each on its half of the cache (ordered ingest), is as deterministic as 1 worker."""
+    cfg = _cfg(train_cache, tmp_path / "two", num_workers=2, max_steps=4, validate_every=-1, export=False)
+    run_training(cfg, ModelConfig())
+    assert_golden(GOLDEN_2W, read_metrics(cfg.output), [1, 2, 3, 4])
 
 
 def assert_golden(golden: Path, rows: list[dict], steps: list[int]) -> None:
