@@ -6,13 +6,14 @@ Everything goes through pyarrow file systems, so a cache on s3:// is read the sa
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.fs as pafs
 
 from sdray import storage
-from sdray.data import cache
+from sdray.data import buckets, cache
 from sdray.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,6 @@ def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
 
     ensure_ray()  # only now: a wrong path or an incompatible cache costs no Ray start-up
     if info.buckets:
-        from sdray.train.bucket_batcher import count_buckets
-
         counts = count_buckets(fs, shards)
         log.info("latent cache %s: %d rows in buckets %s", path, num_rows, counts)
         return LatentCache(
@@ -160,3 +159,16 @@ def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
         info.text_embeds_shape,
     )
     return LatentCache(dataset=dataset, info=info, empty_caption=empty, num_rows=num_rows)
+
+
+def count_buckets(fs: pafs.FileSystem, shards: list[str]) -> dict[str, int]:
+    """Rows per bucket label over ``shards`` (reads only the two bucket columns)."""
+    import pyarrow.parquet as pq
+
+    counts: Counter[str] = Counter()
+    for shard in shards:
+        with fs.open_input_file(shard) as f:
+            table = pq.read_table(f, columns=[cache.BUCKET_H, cache.BUCKET_W])
+        pairs = zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)
+        counts.update(buckets.label(pair) for pair in pairs)
+    return dict(sorted(counts.items()))

@@ -20,7 +20,6 @@ resumed with the same number of workers continues with exactly the batches it wo
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -85,17 +84,6 @@ def plan_summary(counts: dict[str, int], batch_size: int, world: int) -> dict:
         "batches_added_for_equal_ranks": -total % world,
         "micro_batches_per_worker_per_epoch": -(-total // world),
     }
-
-
-def count_buckets(fs: pafs.FileSystem, shards: list[str]) -> dict[str, int]:
-    """Rows per bucket label over ``shards`` (reads only the two bucket columns)."""
-    counts: Counter[str] = Counter()
-    for shard in shards:
-        with fs.open_input_file(shard) as f:
-            table = pq.read_table(f, columns=[cache.BUCKET_H, cache.BUCKET_W])
-        pairs = zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)
-        counts.update(buckets.label(pair) for pair in pairs)
-    return dict(sorted(counts.items()))
 
 
 @dataclass
