@@ -306,5 +306,5 @@ def test_changed_or_duplicated_inputs_are_refused(synth_cache, synth_dir, tmp_pa
     finally:
         os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     shutil.copy(first, tmp_path / "again.parquet")
-    with pytest.raises(InputError, match=rf"duplicate id '\w+' in \S+{first.name} and \S+again.parquet"):
+    with pytest.raises(InputError, match=rf"duplicate id '[^']+' in \S+{first.name} and \S+again.parquet"):
         run_preprocess(config(f"{synth_dir},{tmp_path / 'again.parquet'}", out))
