@@ -49,8 +49,9 @@ def test_empty_missing_and_too_small_caches(ray_session, tiny_components, tmp_pa
         run_training(_cfg(empty, tmp_path / "run"), ModelConfig())
     with pytest.raises(InputError, match="does not exist"):
         run_training(_cfg(tmp_path / "nowhere", tmp_path / "run"), ModelConfig())
+    (tmp_path / "not-a-cache").mkdir()
     with pytest.raises(InputError, match="not a latent cache"):
-        run_training(_cfg(tmp_path, tmp_path / "run"), ModelConfig())
+        run_training(_cfg(tmp_path / "not-a-cache", tmp_path / "run"), ModelConfig())
     small = write_test_cache(tmp_path / "small", tiny_components, num_rows=6)
     with pytest.raises(InputError, match=r"6 rows, but one step needs batch_size x num_workers = 8"):
         run_training(_cfg(small, tmp_path / "run", num_workers=2), ModelConfig())
