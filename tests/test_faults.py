@@ -53,10 +53,11 @@ def interrupted_cache(tmp_path_factory):
     from sdray.data.synth import SynthConfig, write_synth
 
     root = tmp_path_factory.mktemp("sigterm")
-    data = write_synth(SynthConfig(num_images=48, resolution=64, rows_per_shard=4), root / "input")
+    # 12 files of 8 rows, encoded 2 at a time: enough work after the first commit for the signal to land
+    data = write_synth(SynthConfig(num_images=96, resolution=64, rows_per_shard=8), root / "input")
     cache = root / "cache"
     args = ("preprocess", "--input", str(data), "--output", str(cache), "--set", "preprocess.decode_batch_size=4",
-            "--set", "preprocess.encode_batch_size=4", "--set", "preprocess.rows_per_shard=4")  # fmt: skip
+            "--set", "preprocess.encode_batch_size=2", "--set", "preprocess.rows_per_shard=8")  # fmt: skip
     proc = _sdray(*args)
     # interrupt once the first input file is committed, so the rerun has something to resume from
     code, output = _terminate_when(proc, lambda _: any((cache / "_manifest").glob("*.json")))
@@ -88,10 +89,10 @@ def test_sigterm_on_preprocess_publishes_no_summary_and_rerun_writes_each_row_on
     assert 1 <= state["committed_after_kill"] < 12
     assert "preprocessing did not finish" in state["reader"]  # training refuses the interrupted cache
     summary = json.loads((cache / "_summary.json").read_text())
-    assert (summary["rows_in"], summary["rows_written"], summary["input_files"]) == (48, 48, 12)
+    assert (summary["rows_in"], summary["rows_written"], summary["input_files"]) == (96, 96, 12)
     assert summary["this_run"]["input_files"] == 12 - state["committed_after_kill"]  # resumed, not redone
     ids = pq.read_table(cache, columns=["id"]).column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 48
+    assert len(ids) == len(set(ids)) == 96
 
 
 def test_sigterm_on_train_leaves_checkpoints_but_no_model(interrupted_cache, tmp_path):

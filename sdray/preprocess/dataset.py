@@ -66,6 +66,11 @@ def build_dataset(
         filesystem=fs,
         columns=[pre.id_column, pre.image_column, pre.caption_column],  # only what we use
         include_paths=True,  # adds `path`: which input file (unit) each row came from
+        # At least one read block per input file. A map task merges what it yields into blocks of up to
+        # Ray Data's target block size, so a read task spanning many small files would carry all their rows
+        # through every stage as one block: nothing would reach the write stage (and no file would be
+        # committed) until the end of the run.
+        override_num_blocks=max(len(paths), 2 * int(ray.cluster_resources().get("CPU", 1))),
     )
     ds = ds.map_batches(
         decode_batch,
