@@ -6,10 +6,12 @@ raise ConfigError naming the key and the file.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdray import storage
 from sdray.batchgen.config import BatchGenerateConfig
 from sdray.config import apply_overrides, from_dict, load_yaml
 from sdray.data.synth import SynthConfig
@@ -83,9 +85,15 @@ def load_pipeline_config(
     base = load_yaml(path)
     overrides = overrides or []
     try:
-        return _validated(base, overrides)
+        cfg = _validated(base, overrides)
     except ConfigError as exc:
         raise ConfigError(f"{_culprit(base, overrides) or path}: {exc}") from None
+    if not cfg.model.path:
+        return cfg
+    # Ray workers and Serve replicas may run in another working directory (a cluster the command attached to)
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, path=storage.absolute(cfg.model.path))
+    )
 
 
 def _validated(base: dict[str, Any], overrides: list[str]) -> PipelineConfig:

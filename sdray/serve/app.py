@@ -11,6 +11,7 @@ Deployment options (autoscaling, queue limits, CPUs/GPUs) come from ServeConfig;
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from sdray import storage
 from sdray.config import from_dict, to_dict
 from sdray.errors import InputError, SdrayError
 from sdray.models.config import ModelConfig
@@ -374,6 +376,11 @@ def serve_forever(serve_cfg: ServeConfig, model_cfg: ModelConfig, *, ready: Any 
 
     from sdray.cluster import ensure_ray
 
+    # Replicas may run in another working directory (a Ray cluster the command attached to): absolute paths.
+    if model_cfg.path:
+        model_cfg = dataclasses.replace(model_cfg, path=storage.absolute(model_cfg.path))
+    if serve_cfg.adapters:
+        serve_cfg = dataclasses.replace(serve_cfg, adapters=storage.absolute(serve_cfg.adapters))
     check_inputs(serve_cfg, model_cfg)
 
     # ray.init installs a SIGTERM handler that aborts the process; stop cleanly (Serve shut down) instead.
