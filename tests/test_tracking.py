@@ -50,6 +50,28 @@ def test_progress_lines_show_count_rate_and_eta(caplog):
     assert "loss=0.25" in lines[0] and lines[1].startswith("train: 100%")
 
 
+def test_quiet_train_follows_the_metrics_file_on_the_driver(tmp_path, caplog):
+    """Worker progress lines stay in Ray's logs in a quiet run; the driver reads rank 0's metrics rows."""
+    import json
+    import time
+
+    from sdray.train.metrics import METRICS_FILE, progress_from_metrics
+
+    metrics = tmp_path / METRICS_FILE
+    following = progress_from_metrics(str(tmp_path), max_steps=8, interval_s=0.05)
+    with caplog.at_level(logging.INFO, logger="sdray.progress"), following:
+        time.sleep(0.2)  # no file yet: no line, no error
+        metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (5, 6)))
+        time.sleep(0.3)
+        with metrics.open("a") as f:
+            f.write(json.dumps({"step": 8, "loss": 0.125}) + "\n")
+        time.sleep(0.3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "sdray.progress"]
+    assert len(lines) == 2, lines  # one per new last row, none while the file was missing or unchanged
+    assert "6/8" in lines[0] and "loss=0.1667" in lines[0], lines[0]
+    assert lines[1].startswith("train: 100%") and "8/8" in lines[1] and "loss=0.125" in lines[1], lines[1]
+
+
 def test_guard_warns_once_per_outage_pauses_then_retries(caplog):
     clock, calls = [0.0], []
 

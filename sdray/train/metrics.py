@@ -8,9 +8,11 @@ twice. On object stores, which have no append, each append rewrites the object.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sdray import storage
@@ -97,3 +99,42 @@ def loss_curve_png(history: Sequence[dict[str, Any]], *, smooth: int = 20) -> by
 def write_loss_curve(run_uri: str) -> None:
     """Draw ``<run>/loss_curve.png`` from the metrics file (at checkpoints and at the end)."""
     storage.write_bytes(storage.join(run_uri, LOSS_CURVE_FILE), loss_curve_png(read_metrics(run_uri)))
+
+
+@contextlib.contextmanager
+def progress_from_metrics(run_uri: str, *, max_steps: int, interval_s: float = 10.0) -> Iterator[None]:
+    """Progress lines on the driver from the rows rank 0 appends to the metrics file, while the block runs.
+
+    A quiet command leaves the workers' own progress lines in Ray's log folder (sdray.console); this keeps
+    `sdray train` telling a person where it is (step/total, loss, ETA) without them.
+    """
+    from sdray.progress import Progress
+
+    stop = threading.Event()
+
+    def last_row() -> dict[str, Any] | None:
+        try:
+            rows = read_metrics(run_uri)
+        except Exception:  # not written yet, or mid-append: try again at the next tick
+            return None
+        return rows[-1] if rows else None
+
+    def follow() -> None:
+        before = last_row()  # a resumed run: steps already done count as done, not as speed
+        progress = Progress(
+            max_steps, label="train", unit="step", done=before["step"] if before else 0, interval_s=0
+        )
+        while not stop.wait(interval_s):
+            row = last_row()
+            if (
+                row is not None and row["step"] != progress.done
+            ):  # a line per new row, one per interval at most
+                progress.update(row["step"], loss=row["loss"])
+
+    thread = threading.Thread(target=follow, name="sdray-train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=interval_s)

@@ -6,6 +6,7 @@ hands the latest checkpoint to every worker (`ray.train.get_checkpoint()`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -188,6 +189,16 @@ def _check_same_kind(output: str, cfg: TrainConfig) -> None:
         )
 
 
+def _driver_progress(spec: RunSpec) -> contextlib.AbstractContextManager:
+    """A quiet command does not show the workers' progress lines: follow the metrics file instead."""
+    from sdray.console import quiet_log
+    from sdray.train.metrics import progress_from_metrics
+
+    if quiet_log() is None:
+        return contextlib.nullcontext()
+    return progress_from_metrics(spec.train.output, max_steps=spec.train.max_steps)
+
+
 def _trainer(spec: RunSpec, datasets: dict[str, Any], tracked: tracking_run.TrackingRun):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -319,7 +330,8 @@ def _fit_and_export(
         write_plan_summary(output, cache.bucket_counts, cfg)
     if cfg.materialize:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
-    result = _trainer(spec, datasets, tracked).fit()
+    with _driver_progress(spec):
+        result = _trainer(spec, datasets, tracked).fit()
     latest = result.checkpoint
     if storage.exists(diverged_uri):
         _raise_diverged(diverged_uri, result)
