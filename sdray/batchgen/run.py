@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -24,6 +25,7 @@ from sdray.config import dump_yaml
 from sdray.data.cache import CONFIG_FILE, SUMMARY_FILE
 from sdray.errors import ConfigError
 from sdray.models.config import ModelConfig
+from sdray.models.lora import LoraSpec
 from sdray.pipeline_config import PipelineConfig
 from sdray.preprocess.dataset import build_generation_dataset
 from sdray.preprocess.manifest import OutputDir, totals
@@ -60,7 +62,7 @@ def check_loras(model_cfg: ModelConfig, specs: tuple[str, ...]) -> None:
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from sdray.models.lora import LoraSpec, check_fits, weights_file
+    from sdray.models.lora import check_fits, weights_file
     from sdray.train.run import _arch
 
     with torch.device("meta"):
@@ -71,6 +73,12 @@ def check_loras(model_cfg: ModelConfig, specs: tuple[str, ...]) -> None:
             str(file.parent), weight_name=file.name, use_safetensors=True, local_files_only=True
         )
         check_fits(unet, state, str(file))
+
+
+def _with_absolute_loras(cfg: PipelineConfig) -> PipelineConfig:
+    """Sampler actors may run in another working directory (a cluster the command attached to)."""
+    loras = tuple(str(LoraSpec.parse(text).absolute()) for text in cfg.batch_generate.loras)
+    return dataclasses.replace(cfg, batch_generate=dataclasses.replace(cfg.batch_generate, loras=loras))
 
 
 def _check_source(out: OutputDir, source: dict[str, Any]) -> None:
@@ -119,6 +127,7 @@ def run_batch_generate(cfg: PipelineConfig) -> dict[str, Any]:
     Returns:
         The summary also written to `_summary.json`: totals over the whole output and `this_run` stats.
     """
+    cfg = _with_absolute_loras(cfg)
     gen = cfg.batch_generate
     out = OutputDir(gen.output)
     fs, files = resolve_prompt_files(gen.prompts)

@@ -13,6 +13,7 @@ long state_dict traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,14 @@ class LoraSpec:
                 pass
         return cls(path=text)
 
+    def absolute(self) -> LoraSpec:
+        """The same adapter with a local path made absolute: Ray workers may run in another directory."""
+        from sdray.storage import absolute
+
+        return dataclasses.replace(self, path=absolute(self.path))
+
     def __str__(self) -> str:
-        return self.path if self.scale == 1.0 else f"{self.path}:{self.scale:g}"
+        return self.path if self.scale == 1.0 else f"{self.path}:{self.scale!r}"
 
 
 def weights_file(path: str) -> Path:
