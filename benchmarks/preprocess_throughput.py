@@ -28,11 +28,11 @@ import ray
 
 from sdray.config import to_dict
 from sdray.data import cache
+from sdray.data.images import decode_pixels, open_checked, pick_caption
 from sdray.data.synth import SynthConfig, write_synth
 from sdray.models.components import load_components
 from sdray.pipeline_config import load_pipeline_config
 from sdray.preprocess.encode import Encoder
-from sdray.preprocess.images import decode_pixels, open_checked, pick_caption
 from sdray.preprocess.run import cache_info, run_preprocess
 
 RESULTS = Path(__file__).resolve().parent / "results"

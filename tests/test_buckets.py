@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from sdray.config import to_dict
-from sdray.data import cache
+from sdray.data import cache, rejects
 from sdray.data.buckets import (
     beyond_limit,
     bucket_ladder,
@@ -29,7 +29,6 @@ from sdray.data.synth import SynthConfig, write_synth
 from sdray.errors import ConfigError
 from sdray.models.config import ModelConfig
 from sdray.pipeline_config import load_pipeline_config
-from sdray.preprocess import rejects
 from sdray.preprocess.config import PreprocessConfig
 from sdray.preprocess.run import run_preprocess
 from sdray.preprocess.stages import decode_batch

@@ -17,14 +17,13 @@ import torch
 from PIL import Image
 
 from sdray.config import to_dict
-from sdray.data import cache
+from sdray.data import cache, rejects
 from sdray.data.cache import MANIFEST_DIR, SUMMARY_FILE
 from sdray.errors import ConfigError, InputError
 from sdray.models.components import load_components, save_components
 from sdray.models.config import ModelConfig
 from sdray.models.fingerprint import encoder_fingerprint
 from sdray.pipeline_config import load_pipeline_config
-from sdray.preprocess import rejects
 from sdray.preprocess.config import PreprocessConfig
 from sdray.preprocess.inputs import unit_key
 from sdray.preprocess.manifest import OutputDir

@@ -10,10 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sdray.errors import ConfigError, InputError
-from sdray.preprocess import rejects
-from sdray.preprocess.config import PreprocessConfig
-from sdray.preprocess.images import (
+from sdray.data import rejects
+from sdray.data.images import (
     decode_pixels,
     normalise,
     open_checked,
@@ -21,8 +19,10 @@ from sdray.preprocess.images import (
     resize_center_crop,
     to_rgb,
 )
+from sdray.data.rejects import Rejected
+from sdray.errors import ConfigError, InputError
+from sdray.preprocess.config import PreprocessConfig
 from sdray.preprocess.inputs import resolve_inputs, row_counts
-from sdray.preprocess.rejects import Rejected
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

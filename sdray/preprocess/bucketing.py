@@ -16,13 +16,12 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from sdray.data import buckets, cache
+from sdray.data import buckets, cache, rejects
+from sdray.data.images import decode_pixels, load_rgb
+from sdray.data.rejects import Rejected
 from sdray.models.config import ModelConfig, saved_architecture
 from sdray.models.presets import PRESETS
-from sdray.preprocess import rejects
 from sdray.preprocess.config import PreprocessConfig
-from sdray.preprocess.images import decode_pixels, load_rgb
-from sdray.preprocess.rejects import Rejected
 
 Batch = dict[str, np.ndarray]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from sdray.data.images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 from sdray.errors import ConfigError
 
 CaptionStrategy = Literal["first", "random"]
@@ -29,9 +30,9 @@ class PreprocessConfig:
     """For list captions: `first` non-empty one, or a `random` one chosen by a hash of the row id (stable)."""
     store_std: bool = False
     """Also store the VAE posterior std (`latent_std`) so training can sample latents, not only use the mean."""
-    min_image_side: int = 32
+    min_image_side: int = MIN_IMAGE_SIDE
     """Images whose shorter side is below this many pixels are rejected (`too_small`)."""
-    max_image_pixels: int = 100_000_000
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     """Images with more pixels than this are rejected before decoding (`too_large`, decompression-bomb guard)."""
     decode_batch_size: int = 64
     """Rows per CPU decode task (Pillow decode, EXIF, RGB, resize, crop, tokenize)."""

@@ -17,11 +17,11 @@ import torch
 
 from sdray.config import from_dict
 from sdray.data.cache import CacheInfo
+from sdray.data.images import normalise
+from sdray.data.rejects import NONFINITE_OUTPUT
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
 from sdray.preprocess.bucketing import encode_by_bucket, stage_shapes
-from sdray.preprocess.images import normalise
-from sdray.preprocess.rejects import NONFINITE_OUTPUT
 
 log = logging.getLogger(__name__)
 

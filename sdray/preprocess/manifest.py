@@ -30,8 +30,8 @@ from sdray.data.cache import (
     shard_unit,
     sidecar_files,
 )
+from sdray.data.rejects import reject_log_lines
 from sdray.errors import ConfigError, InputError
-from sdray.preprocess.rejects import reject_log_lines
 
 # CacheInfo fields that must match to add rows to an existing cache (model_source is informational).
 _MUST_MATCH = (

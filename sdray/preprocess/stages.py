@@ -19,14 +19,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sdray.data import cache
-from sdray.preprocess import rejects
+from sdray.data import cache, rejects
+from sdray.data.images import open_checked, pick_caption
+from sdray.data.rejects import Rejected
 from sdray.preprocess.bucketing import bucket_tables, pixel_layout
 from sdray.preprocess.config import PreprocessConfig
-from sdray.preprocess.images import open_checked, pick_caption
 from sdray.preprocess.inputs import unit_key
 from sdray.preprocess.manifest import OutputDir
-from sdray.preprocess.rejects import Rejected
 
 UNIT = "path"  # the column Ray Data's read_parquet(include_paths=True) adds: the input file of each row
 EVENT_SCHEMA = pa.schema(

@@ -1,7 +1,7 @@
 """Images for VAE training through Ray Data: read the parquet, split by id hash, decode to uint8 pixels.
 
 The pure functions (`decode_image`, `decode_batch`) know nothing of Ray and decode with the preprocessing
-stage's own functions (`sdray.preprocess.images`), so the VAE trains on exactly the pixels it will later
+stage's own functions (`sdray.data.images`), so the VAE trains on exactly the pixels it will later
 encode; `image_datasets` holds the only `map_batches` wiring. Pixels travel as uint8 (4x smaller than
 float32) and become floats in [-1, 1] on the worker (`to_model_input`).
 """
@@ -17,16 +17,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from sdray.data.images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, decode_pixels, normalise, open_checked
+from sdray.data.rejects import Rejected
 from sdray.errors import InputError
-from sdray.preprocess.config import PreprocessConfig
-from sdray.preprocess.images import decode_pixels, normalise, open_checked
-from sdray.preprocess.rejects import Rejected
 from sdray.vae.config import VaeTrainConfig
 
 log = logging.getLogger(__name__)
 
 PIXELS = "pixels"
-_LIMITS = PreprocessConfig()  # image size limits shared with preprocessing
 Split = Literal["train", "val"]
 
 
@@ -37,7 +35,7 @@ def decode_image(data: bytes | None, resolution: int) -> np.ndarray:
     Raises:
         Rejected: the reason code preprocessing would log (not_an_image, too_small, corrupt, ...).
     """
-    image = open_checked(data, min_side=_LIMITS.min_image_side, max_pixels=_LIMITS.max_image_pixels)
+    image = open_checked(data, min_side=MIN_IMAGE_SIDE, max_pixels=MAX_IMAGE_PIXELS)
     return decode_pixels(image, resolution)
 
 

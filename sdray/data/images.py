@@ -1,7 +1,7 @@
 """Pure per-row functions of the CPU stage: decode, EXIF orientation, RGB, resize + center crop, captions.
 
 No Ray, no torch: each function takes plain values and returns plain values or raises
-:class:`~sdray.preprocess.rejects.Rejected` with a reason code.
+:class:`~sdray.data.rejects.Rejected` with a reason code.
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sdray.preprocess import rejects
-from sdray.preprocess.rejects import Rejected
+from sdray.data import rejects
+from sdray.data.rejects import Rejected
 
 _WHITE = (255, 255, 255)
+MIN_IMAGE_SIDE = 32
+"""Default shortest side accepted (`preprocess.min_image_side`; the VAE stage uses it as is)."""
+MAX_IMAGE_PIXELS = 100_000_000
+"""Default pixel limit checked before decoding (`preprocess.max_image_pixels`; the VAE stage uses it as is)."""
 
 
 def open_checked(data: bytes | None, *, min_side: int, max_pixels: int) -> Image.Image:
