@@ -30,7 +30,8 @@ def ensure_ray() -> None:
 
     Never attaches to a cluster another process happens to run on this machine (address "local"). ray.init
     replaces the SIGTERM handler with one that exits at once; the caller's handler is put back, so the entry
-    points still turn SIGTERM into KeyboardInterrupt and clean up partial outputs (exit code 130).
+    points still turn SIGTERM into KeyboardInterrupt and clean up partial outputs (exit code 130). A SIGTERM
+    while Ray starts (its handler's SystemExit) stops the half-started local Ray and is a KeyboardInterrupt.
     """
     import ray
 
@@ -47,15 +48,34 @@ def ensure_ray() -> None:
     runtime_env = {"worker_process_setup_hook": "sdray.cluster.quiet_ray_train_chatter"} if local else None
     from sdray.console import quiet_log
 
-    ray.init(
-        address=address,
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        runtime_env=runtime_env,
-        log_to_driver=quiet_log() is None,  # a quiet command leaves worker logs in Ray's session folder
-    )
-    if main and previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+    try:
+        ray.init(
+            address=address,
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=quiet_log() is None,  # a quiet command leaves worker logs in Ray's session folder
+        )
+    except SystemExit:
+        _stop_half_started_ray()
+        raise KeyboardInterrupt from None
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_half_started_ray() -> None:
+    """Stop what an interrupted ray.init started: its node processes are this process's children."""
+    import psutil
+    import ray
+
+    ray.shutdown()
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for child in alive:
+        child.kill()
 
 
 def local_cpus(cores: int) -> int:
