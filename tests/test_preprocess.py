@@ -300,7 +300,7 @@ def test_changed_or_duplicated_inputs_are_refused(synth_cache, synth_dir, tmp_pa
     stat = first.stat()
     os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     try:
-        with pytest.raises(InputError, match=rf"{first.name} changed since it was preprocessed .*mtime_ns"):
+        with pytest.raises(InputError, match=rf"{first.name} changed since it was processed into .*mtime_ns"):
             run_preprocess(config(synth_dir, out))
     finally:
         os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -24,12 +24,12 @@ from sdray.cluster import ensure_ray
 from sdray.config import dump_yaml
 from sdray.data.cache import CONFIG_FILE, SUMMARY_FILE
 from sdray.errors import ConfigError
-from sdray.models.config import ModelConfig
+from sdray.models.config import ModelConfig, architecture
 from sdray.models.lora import LoraSpec
 from sdray.pipeline_config import PipelineConfig
 from sdray.preprocess.dataset import build_generation_dataset
 from sdray.preprocess.manifest import OutputDir, totals
-from sdray.preprocess.run import Ledger, _pending
+from sdray.preprocess.run import Ledger
 from sdray.preprocess.stages import EVENT_SCHEMA
 from sdray.serve.request import ModelInfo
 
@@ -41,13 +41,12 @@ SOURCE_FILE = "_generated_by.json"
 def model_info(model_cfg: ModelConfig) -> tuple[ModelInfo, Any]:
     """(ModelInfo, tokenizer) from the configs and the tokenizer alone: no weights are built in the driver."""
     from sdray.models.components import load_components
-    from sdray.train.run import _arch
 
     tokenizer = load_components(model_cfg, parts=("tokenizer",)).tokenizer
-    factor = 2 ** (len(_arch(model_cfg, "vae")["block_out_channels"]) - 1)
+    factor = 2 ** (len(architecture(model_cfg, "vae")["block_out_channels"]) - 1)
     info = ModelInfo(
         source=model_cfg.source,
-        native_size=int(_arch(model_cfg, "unet")["sample_size"]) * factor,
+        native_size=int(architecture(model_cfg, "unet")["sample_size"]) * factor,
         size_multiple=factor,
         max_tokens=int(tokenizer.model_max_length),
     )
@@ -63,10 +62,9 @@ def check_loras(model_cfg: ModelConfig, specs: tuple[str, ...]) -> None:
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from sdray.models.lora import check_fits, weights_file
-    from sdray.train.run import _arch
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(_arch(model_cfg, "unet"))
+        unet = UNet2DConditionModel.from_config(architecture(model_cfg, "unet"))
     for spec in (LoraSpec.parse(text) for text in specs):
         file = weights_file(spec.path)
         state, _ = StableDiffusionPipeline.lora_state_dict(
@@ -139,18 +137,12 @@ def run_batch_generate(cfg: PipelineConfig) -> dict[str, Any]:
         limits=cfg.serve,
         count_tokens=lambda text: len(tokenizer(text, truncation=False).input_ids),
     )
-    done = out.done()
-    pending = _pending(out, files, done)
+    pending = out.pending(files, out.done())
     # Every pending file is read and checked before anything is written: a bad file leaves no trace.
     loaded = {f.path: load_prompt_file(fs, f, checks) for f in pending}
     _check_source(out, {"model": cfg.model.source, "loras": list(gen.loras)})
     out.write_bytes(CONFIG_FILE, dump_yaml(cfg).encode())
-    cleaned = out.clean({f.key for f in pending}, done)
-    log.info(
-        "%s: %d prompt file(s), %d already done, %d to do%s",
-        out.uri, len(files), len(files) - len(pending), len(pending),
-        f" (removed {cleaned} leftover file(s) of an interrupted run)" if cleaned else "",
-    )  # fmt: skip
+    _, pending = out.resume(files, "prompt")
     start = time.perf_counter()
     ledger = _process(cfg, out, pending, loaded) if pending else None
     wall = time.perf_counter() - start

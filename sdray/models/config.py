@@ -10,6 +10,8 @@ from sdray.errors import ConfigError, InputError
 Preset = Literal["tiny", "sd15"]
 COMPONENT_NAMES = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 ARCHITECTURE_PARTS = ("unet", "vae", "text_encoder", "scheduler")
+TRAIN_INFO_FILE = "sdray_train.yaml"
+"""What `sdray train` and `sdray export` record in a model directory (the run spec, the trained buckets)."""
 """The parts whose constructor config a preset sets and `model.<part>` overrides; a model directory has its own."""
 
 
@@ -59,3 +61,12 @@ def saved_architecture(path: str, part: str) -> dict[str, Any]:
     if not storage.exists(uri):
         raise InputError(f"model.path {path}: no {part}/{name}")
     return json.loads(storage.read_bytes(uri))
+
+
+def architecture(cfg: ModelConfig, part: str) -> dict[str, Any]:
+    """The constructor config of ``part`` (one of ARCHITECTURE_PARTS) without building it."""
+    if cfg.path:
+        return saved_architecture(cfg.path, part)
+    from sdray.models.presets import PRESETS
+
+    return {**PRESETS[cfg.preset][part], **getattr(cfg, part)}

@@ -11,6 +11,7 @@ that its record does not list (an orphan) is deleted too. Writes go through :mod
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from dataclasses import asdict
 
@@ -32,6 +33,9 @@ from sdray.data.cache import (
 )
 from sdray.data.rejects import reject_log_lines
 from sdray.errors import ConfigError, InputError
+from sdray.preprocess.inputs import InputFile
+
+log = logging.getLogger(__name__)
 
 # CacheInfo fields that must match to add rows to an existing cache (model_source is informational).
 _MUST_MATCH = (
@@ -87,6 +91,37 @@ class OutputDir(storage.Location):
     def done(self) -> dict[str, UnitRecord]:
         """Manifest records of finished units, keyed by unit key."""
         return read_manifest(self)
+
+    def pending(self, files: list[InputFile], done: dict[str, UnitRecord]) -> list[InputFile]:
+        """The input files without a manifest record.
+
+        Raises:
+            InputError: a finished file changed since (size or mtime): its rows in the output are stale.
+        """
+        for f in files:
+            record = done.get(f.key)
+            if record is None:
+                continue
+            if record.size != f.size or (record.mtime_ns and f.mtime_ns and record.mtime_ns != f.mtime_ns):
+                raise InputError(
+                    f"{f.path} changed since it was processed into {self.uri} (size {record.size} -> "
+                    f"{f.size} bytes, mtime_ns {record.mtime_ns} -> {f.mtime_ns}); write to a new output "
+                    "directory"
+                )
+        return [f for f in files if f.key not in done]
+
+    def resume(self, files: list[InputFile], what: str) -> tuple[dict[str, UnitRecord], list[InputFile]]:
+        """Start or resume a run over ``files``: (records of the finished ones, the ones to do), after
+        deleting what an interrupted run left behind; logs the plan (``what``: "input", "prompt")."""
+        done = self.done()
+        pending = self.pending(files, done)
+        cleaned = self.clean({f.key for f in pending}, done)
+        log.info(
+            "%s: %d %s file(s), %d already done, %d to do%s",
+            self.uri, len(files), what, len(files) - len(pending), len(pending),
+            f" (removed {cleaned} leftover file(s) of an interrupted run)" if cleaned else "",
+        )  # fmt: skip
+        return done, pending
 
     def clean(self, pending_keys: set[str], done: dict[str, UnitRecord]) -> int:
         """Delete leftovers of interrupted runs; returns files deleted.

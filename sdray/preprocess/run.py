@@ -153,21 +153,6 @@ class Ledger:
             raise RuntimeError(f"{len(self.records)} input file(s) incomplete (rows accounted/in): {missing}")
 
 
-def _pending(out: OutputDir, files: list[InputFile], done: dict[str, UnitRecord]) -> list[InputFile]:
-    """The input files without a manifest record; a finished file that changed since (size or mtime) is an
-    error: its rows in the cache are stale."""
-    for f in files:
-        record = done.get(f.key)
-        if record is None:
-            continue
-        if record.size != f.size or (record.mtime_ns and f.mtime_ns and record.mtime_ns != f.mtime_ns):
-            raise InputError(
-                f"{f.path} changed since it was preprocessed into {out.uri} (size {record.size} -> {f.size} "
-                f"bytes, mtime_ns {record.mtime_ns} -> {f.mtime_ns}); write to a new output directory"
-            )
-    return [f for f in files if f.key not in done]
-
-
 def _check_unique_ids(
     out: OutputDir, fs: Any, pending: list[InputFile], done: dict, cfg: PipelineConfig
 ) -> None:
@@ -213,7 +198,7 @@ def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     fs, files = resolve_inputs(pre.input)
     # Columns and types of the files to do, from their footers: a typo fails here, before anything is
     # written to the output or Ray starts.
-    rows = row_counts(fs, _pending(out, files, out.done()), pre)
+    rows = row_counts(fs, out.pending(files, out.done()), pre)
     start = time.perf_counter()
     components = load_components(cfg.model, parts=("tokenizer", "text_encoder", "vae"))
     info = cache_info(components, cfg)
@@ -221,15 +206,8 @@ def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     del components
     load_s = time.perf_counter() - start
     out.write_bytes(CONFIG_FILE, dump_yaml(cfg).encode())
-    done = out.done()
-    pending = _pending(out, files, done)
-    cleaned = out.clean({f.key for f in pending}, done)
+    done, pending = out.resume(files, "input")
     _check_unique_ids(out, fs, pending, done, cfg)
-    log.info(
-        "%s: %d input file(s), %d already done, %d to do%s",
-        out.uri, len(files), len(files) - len(pending), len(pending),
-        f" (removed {cleaned} leftover file(s) of an interrupted run)" if cleaned else "",
-    )  # fmt: skip
     if pending:
         ensure_ray()
     start = time.perf_counter()

@@ -12,10 +12,9 @@ import logging
 import yaml
 
 from sdray.data.buckets import Bucket, nearest_trained
+from sdray.models.config import TRAIN_INFO_FILE
 
 log = logging.getLogger(__name__)
-
-TRAIN_INFO_FILE = "sdray_train.yaml"  # written by sdray.train.export
 
 
 def trained_buckets(model_dir: str) -> tuple[Bucket, ...]:

@@ -21,13 +21,12 @@ from sdray import storage
 from sdray.errors import InputError
 from sdray.models import lora as lora_files
 from sdray.models.components import load_components, save_components
+from sdray.models.config import TRAIN_INFO_FILE
 from sdray.train import checkpoint, lora
 from sdray.train.checkpoint import RunSpec
 from sdray.train.validation import FROZEN_PARTS
 
 log = logging.getLogger(__name__)
-
-TRAIN_INFO_FILE = "sdray_train.yaml"
 
 
 def export_checkpoint(

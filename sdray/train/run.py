@@ -19,8 +19,7 @@ import yaml
 from sdray import storage
 from sdray.data.reader import ExpectedCache, open_cache
 from sdray.errors import ConfigError, InputError, SdrayError
-from sdray.models.config import ModelConfig, saved_architecture
-from sdray.models.presets import PRESETS
+from sdray.models.config import ModelConfig, architecture
 from sdray.tracking import run as tracking_run
 from sdray.tracking.config import TrackingConfig
 from sdray.train.bucket_batcher import SUMMARY_FILE, plan_summary
@@ -107,20 +106,13 @@ def _already_done(cfg: TrainConfig) -> TrainResult | None:
     )
 
 
-def _arch(model_cfg: ModelConfig, part: str) -> dict[str, Any]:
-    """The constructor config of ``part`` without building it."""
-    if model_cfg.path:
-        return saved_architecture(model_cfg.path, part)
-    return {**PRESETS[model_cfg.preset][part], **getattr(model_cfg, part)}
-
-
 def expected_cache(cfg: TrainConfig, model_cfg: ModelConfig) -> ExpectedCache:
     """What the model needs from a cache; builds the encoders once to fingerprint them."""
     from sdray.models.components import load_components
     from sdray.models.fingerprint import encoder_fingerprint
 
     encoders = load_components(model_cfg, ("tokenizer", "text_encoder", "vae"))
-    unet = _arch(model_cfg, "unet")
+    unet = architecture(model_cfg, "unet")
     return ExpectedCache(
         encoder_fingerprint=encoder_fingerprint(encoders),
         resolution=cfg.resolution or int(unet["sample_size"]) * encoders.vae_downsample,
@@ -166,7 +158,7 @@ def check_lora(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     from sdray.train.lora import check_targets
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(_arch(model_cfg, "unet"))
+        unet = UNet2DConditionModel.from_config(architecture(model_cfg, "unet"))
     check_targets(unet, cfg.lora.target_modules)
 
 
@@ -299,7 +291,7 @@ def run_training(
     # 2. Open the cache(s) and refuse one made for another model or too small for one step.
     cache, datasets = _open_data(cfg, model_cfg)
     # 3. Resolve the objective once against the model's schedule (a misfit fails here, not in a worker).
-    cfg = dataclasses.replace(cfg, loss=cfg.loss.resolve(_arch(model_cfg, "scheduler")))
+    cfg = dataclasses.replace(cfg, loss=cfg.loss.resolve(architecture(model_cfg, "scheduler")))
     spec = RunSpec(train=cfg, model=model_cfg, info=cache.info)
     storage.write_bytes(
         storage.join(output, CONFIG_FILE), yaml.safe_dump(spec.to_dict(), sort_keys=False).encode()
