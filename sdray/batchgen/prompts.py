@@ -213,17 +213,16 @@ def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
+SAMPLING_FIELDS = [
+    pa.field("negative_prompt", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("steps", pa.int64()),
+    pa.field("width", pa.int64()),
+    pa.field("height", pa.int64()),
+    pa.field("guidance_scale", pa.float64()),
+    pa.field("scheduler", pa.string()),
+]
+"""What made an image besides its prompt: in every prompt row and beside every generated image."""
 ROW_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("steps", pa.int64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("guidance_scale", pa.float64()),
-        ("scheduler", pa.string()),
-        ("unit", pa.string()),
-    ]
+    [("id", pa.string()), ("prompt", pa.string()), *SAMPLING_FIELDS, ("unit", pa.string())]
 )

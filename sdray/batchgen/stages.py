@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from sdray.batchgen.prompts import to_request
+from sdray.batchgen.prompts import SAMPLING_FIELDS, to_request
 from sdray.config import from_dict
 from sdray.data.cache import SHARD_PREFIX
 from sdray.models.config import ModelConfig
@@ -27,19 +27,13 @@ from sdray.preprocess.stages import EVENT_SCHEMA
 
 log = logging.getLogger(__name__)
 
-PARAMETERS = ("prompt", "negative_prompt", "seed", "steps", "width", "height", "guidance_scale", "scheduler")
+PARAMETERS = ("prompt", *(f.name for f in SAMPLING_FIELDS))
 IMAGE_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
         ("caption", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("steps", pa.int64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("guidance_scale", pa.float64()),
-        ("scheduler", pa.string()),
+        *SAMPLING_FIELDS,
         ("model", pa.string()),
     ]
 )
