@@ -16,7 +16,12 @@ import sys
 
 from pipelines.common import flag_overrides, load_config, make_parser, run
 
-FLAGS = {"model": "model.path", "prompts": "batch_generate.prompts", "output": "batch_generate.output"}
+FLAGS = {
+    "model": "model.path",
+    "prompts": "batch_generate.prompts",
+    "output": "batch_generate.output",
+    "lora": "batch_generate.loras",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,16 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="diffusers model directory (default: the config's model section)")
     parser.add_argument("--prompts", help="prompt file(s) or a directory of them (comma-separate several)")
     parser.add_argument("--output", help="output directory or s3:// URI (created, or resumed)")
-    parser.add_argument(
-        "--lora", action="append", default=[], metavar="DIR[:SCALE]", help="LoRA adapter (repeatable)"
-    )
+    parser.add_argument("--lora", action="append", metavar="DIR[:SCALE]", help="LoRA adapter (repeatable)")
     args = parser.parse_args(argv)
 
     def body() -> None:
         from sdray.batchgen.run import run_batch_generate
 
-        loras = [f"batch_generate.loras={json.dumps(args.lora)}"] if args.lora else []
-        cfg = load_config(args, flag_overrides(args, FLAGS) + loras)
+        cfg = load_config(args, flag_overrides(args, FLAGS))
         summary = run_batch_generate(cfg)
         print(json.dumps(summary, indent=2))
         rejected = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items()) or "none"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import traceback
@@ -57,12 +58,20 @@ def cli_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
-    """Turn dedicated flags (``--out`` ...) that were given into ``section.key=value`` overrides."""
+    """Turn dedicated flags (``--out`` ...) that were given into ``section.key=value`` overrides.
+
+    Text and lists are JSON-quoted: a path `on` or a prompt `a photo: dog` stays the string typed, not
+    YAML's bool or mapping.
+    """
     return [
-        Override(f"{key}={getattr(args, attr)}", "--" + attr.replace("_", "-"))
+        Override(f"{key}={_as_yaml(getattr(args, attr))}", "--" + attr.replace("_", "-"))
         for attr, key in mapping.items()
         if getattr(args, attr) is not None
     ]
+
+
+def _as_yaml(value: object) -> str:
+    return json.dumps(value) if isinstance(value, str | list) else str(value)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

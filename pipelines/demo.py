@@ -24,20 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: small data, few steps")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     defaults = DemoOptions()
-    parser.add_argument(
-        "--samples-per-prompt",
-        type=int,
-        default=defaults.samples_per_prompt,
-        help=f"images per combination (default {defaults.samples_per_prompt})",
-    )
-    parser.add_argument(
-        "--sampler-steps",
-        type=int,
-        default=defaults.sampler_steps,
-        help=f"sampler steps per image (default {defaults.sampler_steps})",
-    )
-    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
-                        help=f"classifier-free guidance (default {defaults.guidance_scale})")  # fmt: skip
+    for flag, kind, help_text in (
+        ("samples_per_prompt", int, "images per combination"),
+        ("sampler_steps", int, "sampler steps per image"),
+        ("guidance_scale", float, "classifier-free guidance"),
+    ):
+        default = getattr(defaults, flag)
+        parser.add_argument("--" + flag.replace("_", "-"), type=kind, default=default,
+                            help=f"{help_text} (default {default})")  # fmt: skip
     args = parser.parse_args(argv)
 
     def body() -> None:

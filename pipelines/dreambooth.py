@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
-from pipelines.common import load_config, make_parser, run
+from pipelines.common import flag_overrides, load_config, make_parser, run
 
 FLAGS = {
     "model": "model.path",
@@ -44,13 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         from sdray.dreambooth.run import run_dreambooth
 
-        quoted = {k: json.dumps(getattr(args, k)) for k in ("instance_prompt", "class_prompt")}
-        overrides = [
-            f"{key}={quoted.get(attr, getattr(args, attr))}"
-            for attr, key in FLAGS.items()
-            if getattr(args, attr) is not None
-        ]
-        summary = run_dreambooth(load_config(args, overrides))
+        summary = run_dreambooth(load_config(args, flag_overrides(args, FLAGS)))
         print(json.dumps(summary, indent=2, default=str))
         print(f"model: {summary['model']}")
 

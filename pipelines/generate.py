@@ -29,12 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance-scale", dest="guidance_scale", type=float)
     parser.add_argument("--scheduler", choices=SCHEDULER_NAMES)
-    parser.add_argument(
-        "--lora", action="append", default=[], metavar="DIR[:SCALE]", help="LoRA (repeatable)"
-    )
-    parser.add_argument(
-        "--out", required=True, help="output .png (several images: out-0.png, out-1.png, ...)"
-    )
+    parser.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]", help="repeatable")
+    parser.add_argument("--out", required=True, help="output .png (--n 2: out-0.png, out-1.png)")
     args = parser.parse_args(argv)
 
     def body() -> None:

@@ -113,6 +113,22 @@ def test_config_errors_name_the_flag_a_value_came_from(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: {bad}: unknown key 'synth.num_imgs'")
 
 
+def test_flag_values_stay_the_text_typed():
+    """`--out on` is the folder "on", a prompt with a colon is text: not YAML's bool or mapping."""
+    from pipelines.common import flag_overrides, load_config, make_parser
+
+    parser = make_parser("x", None)
+    for flag in ("--out", "--prompts", "--lora"):
+        parser.add_argument(flag, action="append" if flag == "--lora" else None)
+    args = parser.parse_args(
+        ["--out", "on", "--prompts", "a photo: dog", "--lora", "runs/a:0.5", "--lora", "1"]
+    )
+    mapping = {"out": "train.output", "prompts": "batch_generate.prompts", "lora": "batch_generate.loras"}
+    cfg = load_config(args, flag_overrides(args, mapping))
+    assert (cfg.train.output, cfg.batch_generate.prompts) == ("on", "a photo: dog")
+    assert cfg.batch_generate.loras == ("runs/a:0.5", "1")
+
+
 def test_serve_checks_the_model_folder_and_the_port_before_starting_anything(tmp_path, capsys):
     import socket
 
