@@ -154,6 +154,14 @@ def read_bytes(uri: str) -> bytes:
     return _read(*resolve(uri))
 
 
+def read_tail(uri: str, max_bytes: int) -> bytes:
+    """The last ``max_bytes`` of the file at ``uri`` (all of it if shorter), without reading the rest."""
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        return f.read_at(min(size, max_bytes), max(0, size - max_bytes))
+
+
 def write_bytes(uri: str | Path, data: bytes) -> str | Path:
     """Publish ``data`` at ``uri`` atomically; returns ``uri``."""
     _write(*resolve(uri), data)

@@ -72,6 +72,18 @@ def test_quiet_train_follows_the_metrics_file_on_the_driver(tmp_path, caplog):
     assert lines[1].startswith("train: 100%") and "8/8" in lines[1] and "loss=0.125" in lines[1], lines[1]
 
 
+def test_last_metrics_row_reads_only_the_tail_and_skips_a_half_written_line(tmp_path):
+    import json
+
+    from sdray.train.metrics import METRICS_FILE, last_metrics_row
+
+    rows = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 2001))
+    (tmp_path / METRICS_FILE).write_text(rows + '{"step": 2001, "lo')  # an append in progress
+    assert last_metrics_row(str(tmp_path), tail_bytes=200) == {"step": 2000, "loss": 1.0 / 2000}
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "loss": 0.5}\n')
+    assert last_metrics_row(str(tmp_path)) == {"step": 1, "loss": 0.5}
+
+
 def test_guard_warns_once_per_outage_pauses_then_retries(caplog):
     clock, calls = [0.0], []
 

@@ -64,6 +64,17 @@ def read_metrics(run_uri: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in raw.splitlines() if line.strip()]
 
 
+def last_metrics_row(run_uri: str, tail_bytes: int = 64 * 1024) -> dict[str, Any] | None:
+    """The newest complete row of the metrics file, from its tail only (the file grows with the run)."""
+    lines = storage.read_tail(storage.join(run_uri, METRICS_FILE), tail_bytes).decode().splitlines()
+    for line in reversed(lines[1:] if len(lines) > 1 else lines):  # the first may be cut by the window
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:  # mid-append
+            continue
+    return None
+
+
 def loss_curve_png(history: Sequence[dict[str, Any]], *, smooth: int = 20) -> bytes:
     """A PNG of the loss per step with a moving average of ``smooth`` steps, and the LR on a second axis."""
     import matplotlib
@@ -114,10 +125,9 @@ def progress_from_metrics(run_uri: str, *, max_steps: int, interval_s: float = 1
 
     def last_row() -> dict[str, Any] | None:
         try:
-            rows = read_metrics(run_uri)
-        except Exception:  # not written yet, or mid-append: try again at the next tick
+            return last_metrics_row(run_uri)
+        except Exception:  # not written yet: try again at the next tick
             return None
-        return rows[-1] if rows else None
 
     def follow() -> None:
         before = last_row()  # a resumed run: steps already done count as done, not as speed
