@@ -111,8 +111,10 @@ def test_every_documented_command_runs(ray_session, tmp_path):
                 served = True
                 continue
             command = _with_port(command, free_port()) + " --check"
+        start = time.monotonic()
         result = subprocess.run(
             ["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=600
         )
+        print(f"{time.monotonic() - start:6.1f} s  {doc.where}: {command[:100]}")  # shown with -s or on failure
         assert result.returncode == 0, f"{doc.where}: {command}\n{result.stdout}\n{result.stderr}"
     assert served, "no documented `sdray serve` command was started"
