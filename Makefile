@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest-xdist workers of `make test` (each with its own local Ray); tests/conftest.py groups and orders them.
+TEST_WORKERS ?= 2
 
 .PHONY: demo demo-quick test lint browser clean-venv
 
@@ -27,7 +29,7 @@ demo-quick: $(STAMP)
 	$(VENV)/bin/sdray demo --quick
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sdray pipelines tests benchmarks scripts

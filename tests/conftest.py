@@ -57,3 +57,35 @@ def synth_dir(tmp_path_factory) -> Path:
         SynthConfig(num_images=64, resolution=64, rows_per_shard=32),
         tmp_path_factory.mktemp("data") / "synth",
     )
+
+
+# `make test` runs the suite on two xdist workers (`--dist loadgroup`): each test module is one group, so its
+# module fixtures are built once, except the docs chains, which run side by side. Longest groups first, so
+# that both workers finish at about the same time (times measured on the 2-core CI machine, serially).
+LONGEST_FIRST = (
+    "test_docs_commands.py::finetune-serve",
+    "test_docs_commands.py::quickstart",
+    "test_jobs.py",
+    "test_multinode.py",
+    "test_demo.py",
+    "test_lora_train.py",
+    "test_faults.py",
+    "test_buckets.py",
+    "test_dreambooth.py",
+    "test_tracking.py",
+    "test_train.py",
+    "test_docs_commands.py::preprocess",
+)
+
+
+def _group(item: pytest.Item) -> str:
+    chain = item.callspec.id if item.originalname == "test_every_documented_command_runs" else ""
+    return f"{item.path.name}::{chain}" if chain else item.path.name
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist turns xdist_group marks into node ids
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item), len(rank)))

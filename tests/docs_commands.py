@@ -4,8 +4,10 @@
    ``#`` starts a comment). A line starting with ``sdray `` in any other fence is an error: tag the fence.
 2. ``<!-- docs-test: skip REASON -->`` on the line just above a fence leaves the whole block out; the
    reason is required.
-3. Files run in DOC_ORDER (README.md, then the guides in reading order), from one fresh directory, so a
-   command may use what an earlier one wrote. A docs/*.md file missing from DOC_ORDER is an error.
+3. Files run in DOC_ORDER (README.md, then the guides in reading order). A docs/*.md file missing from
+   DOC_ORDER is an error. CHAINS split DOC_ORDER into runs that need nothing of each other, each from its
+   own fresh directory (so they can run side by side), in which a command may use what an earlier command
+   of its chain wrote. A chain that starts from the result of another gets it from PREREQUISITES.
 4. NOT_RUN lists, with reasons, the commands that cannot run on a test machine; nothing else is skipped.
 5. ``sdray serve``: the first one is started, asked for one image and stopped with SIGTERM; the others run
    with ``--check`` (config, model directory and port). Every ``sdray serve`` gets a free ``--port``.
@@ -29,6 +31,21 @@ DOC_ORDER = (
     "docs/cluster.md",
     "docs/config.md",
 )
+CHAINS: dict[str, tuple[str, ...]] = {
+    "quickstart": ("README.md", "docs/train.md"),
+    "preprocess": ("docs/preprocess.md",),
+    "finetune-serve": (
+        "docs/finetune.md",
+        "docs/serve.md",
+        "docs/demo.md",
+        "docs/cluster.md",
+        "docs/config.md",
+    ),
+}
+PREREQUISITES: dict[str, dict[str, str]] = {
+    "finetune-serve": {"runs/tiny/model": "README.md's quick start (sdray train ... --out runs/tiny)"},
+}
+"""Per chain: path -> what writes it in the docs. The test provides it (the tiny preset's architecture)."""
 SKIP_MARK = re.compile(r"<!--\s*docs-test:\s*skip\b\s*(.*?)\s*-->")
 # (regular expression searched in the command, why it cannot run in a test)
 NOT_RUN: tuple[tuple[str, str], ...] = (
@@ -113,6 +130,12 @@ def _without_comment(text: str) -> str:
         text = head
         break
     return " ".join(text.split())
+
+
+def chain_commands(chain: str, root: Path = ROOT) -> list[DocCommand]:
+    """The commands of one of CHAINS, in DOC_ORDER."""
+    names = set(CHAINS[chain])
+    return [c for c in all_commands(root) if c.where.partition(":")[0] in names]
 
 
 def all_commands(root: Path = ROOT) -> list[DocCommand]:

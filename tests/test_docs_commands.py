@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from docs_commands import ROOT, DocsError, all_commands, commands_of, why_not_run
+from docs_commands import (
+    CHAINS,
+    DOC_ORDER,
+    PREREQUISITES,
+    ROOT,
+    DocsError,
+    all_commands,
+    chain_commands,
+    commands_of,
+    why_not_run,
+)
 from serve_fixtures import free_port
 
 SERVE_START_TIMEOUT_S = 300
@@ -85,7 +96,24 @@ def _serve_once(command: str, env: dict[str, str], cwd: Path, where: str) -> Non
     assert "stopped" in err and "resume" not in err, err
 
 
-def test_every_documented_command_runs(ray_session, tmp_path):
+def test_chains_split_the_docs_in_reading_order():
+    assert sorted(name for names in CHAINS.values() for name in names) == sorted(DOC_ORDER)
+    assert all(list(names) == sorted(names, key=DOC_ORDER.index) for names in CHAINS.values())
+    assert set(PREREQUISITES) <= set(CHAINS)
+    assert sum(len(chain_commands(chain)) for chain in CHAINS) == len(all_commands())
+
+
+def _first_serve() -> str:
+    """Where the first runnable `sdray serve` of the docs is: the one started for real."""
+    return next(
+        c.where
+        for c in all_commands()
+        if not why_not_run(c.command) and re.search(r"(^|\s)sdray serve\b", c.command)
+    )
+
+
+@pytest.mark.parametrize("chain", list(CHAINS))
+def test_every_documented_command_runs(chain, ray_session, tiny_model_dir, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
     _shim(tmp_path / "bin")
     env = {
@@ -98,15 +126,17 @@ def test_every_documented_command_runs(ray_session, tmp_path):
     env.pop(os.environ.get("SDRAY_API_KEY_ENV", "SDRAY_API_KEY"), None)
     work = tmp_path / "clone"
     work.mkdir()
-    served = False
-    for doc in all_commands():
+    for path in PREREQUISITES.get(chain, {}):  # model directories another chain trains
+        shutil.copytree(tiny_model_dir, work / path)
+    first_serve, served = _first_serve(), False
+    for doc in chain_commands(chain):
         reason = why_not_run(doc.command)
         if reason:
             print(f"not run: {doc.where}: {doc.command} ({reason})")
             continue
         command = doc.command
         if re.search(r"(^|\s)sdray serve\b", command):
-            if not served:
+            if doc.where == first_serve:
                 _serve_once(command, env, work, doc.where)
                 served = True
                 continue
@@ -115,6 +145,10 @@ def test_every_documented_command_runs(ray_session, tmp_path):
         result = subprocess.run(
             ["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=600
         )
-        print(f"{time.monotonic() - start:6.1f} s  {doc.where}: {command[:100]}")  # shown with -s or on failure
+        print(
+            f"{time.monotonic() - start:6.1f} s  {doc.where}: {command[:100]}"
+        )  # shown with -s or on failure
         assert result.returncode == 0, f"{doc.where}: {command}\n{result.stdout}\n{result.stderr}"
-    assert served, "no documented `sdray serve` command was started"
+    assert served or first_serve.partition(":")[0] not in CHAINS[chain], (
+        "the first `sdray serve` did not start"
+    )
