@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# pytest-xdist workers of `make test` (each with its own local Ray); tests/conftest.py groups and orders them.
+# pytest-xdist workers of `make test` (each with its own local Ray); tests/conftest.py orders the modules.
 TEST_WORKERS ?= 2
 
 .PHONY: demo demo-quick test lint browser clean-venv
@@ -29,7 +29,7 @@ demo-quick: $(STAMP)
 	$(VENV)/bin/sdray demo --quick
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sdray pipelines tests benchmarks scripts

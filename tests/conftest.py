@@ -59,12 +59,12 @@ def synth_dir(tmp_path_factory) -> Path:
     )
 
 
-# `make test` runs the suite on two xdist workers (`--dist loadgroup`): each test module is one group, so its
-# module fixtures are built once, except the docs chains, which run side by side. Longest groups first, so
-# that both workers finish at about the same time (times measured on the 2-core CI machine, serially).
+# `make test` runs the suite on two xdist workers (`--dist loadfile`: a module's fixtures are built once);
+# the docs chains are modules of their own, so they run side by side. Longest modules first, so that both
+# workers finish at about the same time (serial times on the 2-core CI machine).
 LONGEST_FIRST = (
-    "test_docs_commands.py::finetune-serve",
-    "test_docs_commands.py::quickstart",
+    "test_docs_finetune.py",
+    "test_docs_quickstart.py",
     "test_jobs.py",
     "test_multinode.py",
     "test_demo.py",
@@ -74,18 +74,10 @@ LONGEST_FIRST = (
     "test_dreambooth.py",
     "test_tracking.py",
     "test_train.py",
-    "test_docs_commands.py::preprocess",
+    "test_docs_commands.py",
 )
 
 
-def _group(item: pytest.Item) -> str:
-    chain = item.callspec.id if item.originalname == "test_every_documented_command_runs" else ""
-    return f"{item.path.name}::{chain}" if chain else item.path.name
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist turns xdist_group marks into node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
-    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(_group(item), len(rank)))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module stays in one piece

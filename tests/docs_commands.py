@@ -1,4 +1,4 @@
-"""The commands of README.md and docs/*.md, as tests/test_docs_commands.py runs them. Rules for doc writers:
+"""The commands of README.md and docs/*.md, as tests/docs_runner.py runs them. Rules for doc writers:
 
 1. Commands live in fences tagged ``bash``; every line is one command (a trailing backslash continues it,
    ``#`` starts a comment). A line starting with ``sdray `` in any other fence is an error: tag the fence.
@@ -6,8 +6,9 @@
    reason is required.
 3. Files run in DOC_ORDER (README.md, then the guides in reading order). A docs/*.md file missing from
    DOC_ORDER is an error. CHAINS split DOC_ORDER into runs that need nothing of each other, each from its
-   own fresh directory (so they can run side by side), in which a command may use what an earlier command
-   of its chain wrote. A chain that starts from the result of another gets it from PREREQUISITES.
+   own fresh directory and in a test module of its own (tests/test_docs_*.py: they run side by side); a
+   command may use what an earlier command of its chain wrote. A chain that starts from the result of
+   another gets it from PREREQUISITES.
 4. NOT_RUN lists, with reasons, the commands that cannot run on a test machine; nothing else is skipped.
 5. ``sdray serve``: the first one is started, asked for one image and stopped with SIGTERM; the others run
    with ``--check`` (config, model directory and port). Every ``sdray serve`` gets a free ``--port``.
