@@ -4,6 +4,7 @@
     PYTHONPATH=. .venv/bin/python benchmarks/buckets.py --parts train              # needs a quiet machine
     PYTHONPATH=. .venv/bin/python benchmarks/buckets.py --parts demo --demo-square runs/demo
         # runs `sdray demo --config demo_buckets` into runs/demo-buckets and compares with a square demo run
+        # (or with a committed one: --demo-square benchmarks/results/demo_full.json)
 
 Parts (results merge into benchmarks/results/buckets.json and buckets.md, one key per part):
 - pixels: share of each image's pixels that reaches the cache, buckets vs square crop, for the synth mix
@@ -11,7 +12,9 @@ Parts (results merge into benchmarks/results/buckets.json and buckets.md, one ke
 - cache: preprocess the same mixed synth set (tiny model) both ways: rows, bytes, bytes per row, rows per bucket;
 - train: tiny UNet, 1 worker, the same number of steps on each cache (same batch size: the bucket ladder keeps
   every bucket at <= the square's area, so the pixel budget per batch is the same or lower): samples/s and
-  latent pixels/s from the run's metrics;
+  image pixels/s from the run's metrics, with and without the data wait (a square cache streams through Ray
+  Data, which restarts every epoch: on a small cache that wait dominates; a bucketed cache is read into each
+  worker's memory once);
 - demo: the bucketed demo's caption faithfulness per generated size next to the square demo's.
 Timing parts are only meaningful on an idle machine: the machine's load average is recorded with every part.
 """
@@ -78,14 +81,15 @@ def part_cache(work: Path, images: int) -> dict:
     }
 
 
-def _train(cache: Path, out: Path, steps: int) -> dict:
+def _train(cache: Path, out: Path, steps: int, materialize: bool = False) -> dict:
     from sdray.models.config import ModelConfig
     from sdray.train.config import TrainConfig
     from sdray.train.metrics import read_metrics
     from sdray.train.run import run_training
 
     cfg = TrainConfig(data=str(cache), output=str(out), batch_size=16, max_steps=steps, log_every=steps,
-                      checkpoint_every=steps, validate_every=-1, export=False, shuffle_buffer=0)  # fmt: skip
+                      checkpoint_every=steps, validate_every=-1, export=False, shuffle_buffer=0,
+                      materialize=materialize)  # fmt: skip
     run_training(cfg, ModelConfig())
     rows = read_metrics(str(out))[steps // 4 :]  # skip the warm-up steps
     seconds = sum(r["step_time_s"] for r in rows)
@@ -97,13 +101,19 @@ def _train(cache: Path, out: Path, steps: int) -> dict:
     )
     pixels = area * 16 * len(rows)
     wait = statistics.mean(r["data_wait_s"] for r in rows)
+    compute = seconds - wait * len(rows)  # the square cache streams through Ray Data; buckets are in memory
     return {"steps_timed": len(rows), "samples_per_s": round(16 * len(rows) / seconds, 2),
-            "image_pixels_per_s": round(pixels / seconds), "data_wait_s_mean": round(wait, 5)}  # fmt: skip
+            "image_pixels_per_s": round(pixels / seconds), "data_wait_s_mean": round(wait, 5),
+            "compute_samples_per_s": round(16 * len(rows) / compute, 2),
+            "compute_image_pixels_per_s": round(pixels / compute)}  # fmt: skip
 
 
 def part_train(work: Path, images: int, steps: int) -> dict:
     caches = part_cache(work, images)
-    return {kind: _train(work / kind, work / f"train-{kind}", steps) for kind in caches} | {"caches": caches}
+    runs = {kind: _train(work / kind, work / f"train-{kind}", steps) for kind in caches}
+    # the square cache held in Ray's object store (train.materialize): the same data path minus the re-reads
+    runs["square_materialized"] = _train(work / "square", work / "train-square-mat", steps, materialize=True)
+    return runs | {"caches": caches}
 
 
 def part_demo(square_run: str, out: str) -> dict:
@@ -111,7 +121,11 @@ def part_demo(square_run: str, out: str) -> dict:
 
     report = run_demo(DemoOptions(output=out, overwrite=True), demo_config("demo_buckets", [], quick=False))
     buckets = json.loads((report / "metrics.json").read_text())["faithfulness"]
-    square = json.loads((Path(square_run) / "report" / "metrics.json").read_text())["faithfulness"]
+    # A square run directory, or a committed demo result (benchmarks/results/demo_full.json)
+    reference = (
+        Path(square_run) if square_run.endswith(".json") else Path(square_run) / "report" / "metrics.json"
+    )
+    square = json.loads(reference.read_text())["faithfulness"]
     by_size = buckets.get("generated_by_size")
     return {"square": square["generated"], "buckets": buckets["generated"], "buckets_by_size": by_size}
 
@@ -135,7 +149,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=96, help="synth images for cache/train")
     parser.add_argument("--steps", type=int, default=40, help="training steps per cache (train)")
     parser.add_argument(
-        "--demo-square", default="runs/demo", help="a finished square `sdray demo` run (demo)"
+        "--demo-square", default="runs/demo", help="a finished square `sdray demo` run, or its metrics .json"
     )
     parser.add_argument("--demo-out", default="runs/demo-buckets", help="where the bucketed demo runs (demo)")
     args = parser.parse_args()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import os
 import socket
 import statistics
 import sys
@@ -138,15 +139,18 @@ COLUMNS = [
 ]
 
 
-def write(rows: list[dict], requests: int, steps: int) -> None:
+def write(rows: list[dict], requests: int, steps: int, load_start: tuple[float, ...]) -> None:
     when = datetime.now(UTC).isoformat(timespec="seconds")
-    meta = {"when": when, "requests": requests, "steps": steps, "size": "64x64", "model": "tiny preset"}
+    load_end = tuple(round(x, 2) for x in os.getloadavg())
+    meta = {"when": when, "requests": requests, "steps": steps, "size": "64x64", "model": "tiny preset",
+            "load_avg_1_5_15_start": load_start, "load_avg_1_5_15_end": load_end}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve_adapters.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     lines = [
         f"# LoRA adapters behind one endpoint ({when})",
         "",
-        f"2 cores shared with other work (timings are loaded-machine numbers), no GPU; tiny preset, 64x64, "
+        f"{os.cpu_count()} cores, no GPU, load average (1/5/15 min) {load_start} at start and {load_end} at "
+        f"the end; tiny preset, 64x64, "
         f"{steps} DDIM steps; {requests} requests at concurrency 8 rotating over 3 adapters "
         "(benchmarks/serve_adapters.py). Cold/warm/base latencies and loads only with one replica.",
         "",
@@ -168,6 +172,7 @@ def main() -> int:
     import ray
     import torch
 
+    load_start = tuple(round(x, 2) for x in os.getloadavg())
     torch.set_num_threads(1)
     store = Path(tempfile.mkdtemp(prefix="sdray-adapters-"))
     make_store(store)
@@ -176,7 +181,7 @@ def main() -> int:
         rows = run_setups(store, args.requests, args.steps)
     finally:
         ray.shutdown()
-    write(rows, args.requests, args.steps)
+    write(rows, args.requests, args.steps, load_start)
     return 0
 
 
