@@ -3,8 +3,10 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# pytest-xdist workers of `make test` (each with its own local Ray); tests/conftest.py orders the modules.
-TEST_WORKERS ?= 2
+# pytest-xdist workers of `make test` (each starts its own local Ray; tests/conftest.py orders the modules).
+# 0 = one process. On 2 cores two workers were no faster (the suite is CPU-bound) and overloaded the machine
+# (load average 20) until start-up and shutdown timeouts failed tests; use more on a larger machine.
+TEST_WORKERS ?= 0
 
 .PHONY: demo demo-quick test lint browser clean-venv
 

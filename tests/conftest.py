@@ -59,7 +59,7 @@ def synth_dir(tmp_path_factory) -> Path:
     )
 
 
-# `make test` runs the suite on two xdist workers (`--dist loadfile`: a module's fixtures are built once);
+# `make test TEST_WORKERS=N` runs the suite on N xdist workers (`--dist loadfile`: a module's fixtures are built once);
 # the docs chains are modules of their own, so they run side by side. Longest modules first, so that both
 # workers finish at about the same time (serial times on the 2-core CI machine).
 LONGEST_FIRST = (
