@@ -132,6 +132,19 @@ def test_openai_client_gets_the_image_of_sdray_generate_lora(url, base, expected
     assert np.abs(expected["red@0.8"].astype(int) - expected["base"]).max() > 5  # the adapter matters
 
 
+def test_a1111_client_library_gets_the_adapter_image(url, expected):
+    """webuiapi, the Python client for AUTOMATIC1111's API: a `<lora:...>` tag, and the adapters listed."""
+    import webuiapi
+
+    host, port = url.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port), sampler="DDIM", steps=3)
+    assert "red" in [lora["name"] for lora in api.get_loras()]
+    result = api.txt2img(prompt="a red circle <lora:red:0.8>", width=32, height=32, seed=3, cfg_scale=5)
+    image = np.asarray(result.image.convert("RGB"))
+    assert np.abs(image.astype(int) - expected["red@0.8"]).max() <= 1
+    assert result.info["prompt"] == "a red circle"
+
+
 def test_a1111_tag_and_header_choose_the_same_adapter(client, base, expected):
     body = {**A1111, "prompt": "a red circle <lora:red:0.8>"}
     r = client.post("/sdapi/v1/txt2img", json=body)
