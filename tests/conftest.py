@@ -59,9 +59,9 @@ def synth_dir(tmp_path_factory) -> Path:
     )
 
 
-# `make test TEST_WORKERS=N` runs the suite on N xdist workers (`--dist loadfile`: a module's fixtures are built once);
-# the docs chains are modules of their own, so they run side by side. Longest modules first, so that both
-# workers finish at about the same time (serial times on the 2-core CI machine).
+# `make test TEST_WORKERS=N` runs the suite on N xdist workers (`--dist loadfile`: a module's fixtures are
+# built once); the docs chains are modules of their own, so they can run side by side. Longest modules first,
+# so that the workers finish at about the same time (serial times on the 2-core CI machine, 2026-12-02).
 LONGEST_FIRST = (
     "test_docs_finetune.py",
     "test_docs_quickstart.py",
