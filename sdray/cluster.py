@@ -46,8 +46,11 @@ def ensure_ray() -> None:
     num_cpus = local_cpus(os.cpu_count() or 1) if local else None
     # No dashboard on a private Ray (start-up time and memory on small machines), hence no state API.
     runtime_env = {"worker_process_setup_hook": "sdray.cluster.quiet_ray_train_chatter"} if local else None
+    import psutil
+
     from sdray.console import quiet_log
 
+    children_before = {child.pid for child in psutil.Process().children(recursive=True)}
     try:
         ray.init(
             address=address,
@@ -57,20 +60,20 @@ def ensure_ray() -> None:
             log_to_driver=quiet_log() is None,  # a quiet command leaves worker logs in Ray's session folder
         )
     except SystemExit:
-        _stop_half_started_ray()
+        _stop_half_started_ray(children_before)
         raise KeyboardInterrupt from None
     finally:
         if main and previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _stop_half_started_ray() -> None:
-    """Stop what an interrupted ray.init started: its node processes are this process's children."""
+def _stop_half_started_ray(children_before: set[int]) -> None:
+    """Stop what an interrupted ray.init started: the child processes that were not there before it."""
     import psutil
     import ray
 
     ray.shutdown()
-    children = psutil.Process().children(recursive=True)
+    children = [c for c in psutil.Process().children(recursive=True) if c.pid not in children_before]
     for child in children:
         child.terminate()
     _, alive = psutil.wait_procs(children, timeout=10)
