@@ -152,6 +152,20 @@ def test_far_sizes_are_refused_with_the_list_or_warned_by_config(caplog):
         source="m", native_size=64, size_multiple=8, max_tokens=77), ServeConfig(), lambda t: 3) == []  # fmt: skip
 
 
+def test_trained_buckets_are_the_ladder_buckets_that_held_rows(tmp_path):
+    import yaml
+
+    from sdray.models.config import TRAIN_INFO_FILE
+    from sdray.serve.buckets import trained_buckets
+
+    ladder = [[80, 48], [64, 64], [48, 80]]
+    only_square = {"buckets": ladder, "bucket_counts": {"64x64": 12000, "80x48": 0}}
+    (tmp_path / TRAIN_INFO_FILE).write_text(yaml.safe_dump({"cache_info": only_square}))
+    assert trained_buckets(str(tmp_path)) == ((64, 64),)  # a square-only data set trained no wide bucket
+    (tmp_path / TRAIN_INFO_FILE).write_text(yaml.safe_dump({"cache_info": {"buckets": ladder}}))
+    assert trained_buckets(str(tmp_path)) == ((80, 48), (64, 64), (48, 80))  # no counts recorded: the ladder
+
+
 def test_bucket_config_is_validated():
     with pytest.raises(ConfigError, match="bucket_step"):
         PreprocessConfig(resolution=64, buckets=True, bucket_step=12)

@@ -1,7 +1,7 @@
 """The trained aspect-ratio buckets of a model directory, and whether a requested size is near one. Light.
 
-A model trained on a bucketed cache records its ladder in `sdray_train.yaml` (`cache_info.buckets`, written
-by export). A request far from every trained bucket is refused with the list (`serve.off_bucket: refuse`),
+A model trained on a bucketed cache records its ladder and rows per bucket in `sdray_train.yaml`
+(`cache_info.buckets`, `bucket_counts`, written by export); the buckets that held rows are the trained ones. A request far from every trained bucket is refused with the list (`serve.off_bucket: refuse`),
 or runs with a warning in the log (`warn`). A model without recorded buckets accepts any valid size.
 """
 
@@ -11,7 +11,7 @@ import logging
 
 import yaml
 
-from sdray.data.buckets import Bucket, nearest_trained
+from sdray.data.buckets import Bucket, label, nearest_trained
 from sdray.models.config import TRAIN_INFO_FILE
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,12 @@ def trained_buckets(model_dir: str) -> tuple[Bucket, ...]:
     uri = storage.join(model_dir, TRAIN_INFO_FILE)
     if not storage.exists(uri):
         return ()
-    data = yaml.safe_load(storage.read_bytes(uri)) or {}
-    return tuple(tuple(b) for b in (data.get("cache_info") or {}).get("buckets") or ())
+    info = (yaml.safe_load(storage.read_bytes(uri)) or {}).get("cache_info") or {}
+    ladder = tuple(tuple(b) for b in info.get("buckets") or ())
+    counts = info.get("bucket_counts")
+    if not counts:  # recorded before per-bucket counts: the whole ladder
+        return ladder
+    return tuple(b for b in ladder if counts.get(label(b), 0) > 0)  # a bucket with no rows was never trained
 
 
 def size_problem(
