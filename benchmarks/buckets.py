@@ -5,6 +5,7 @@
     PYTHONPATH=. .venv/bin/python benchmarks/buckets.py --parts demo --demo-square runs/demo
         # runs `sdray demo --config demo_buckets` into runs/demo-buckets and compares with a square demo run
         # (or with a committed one: --demo-square benchmarks/results/demo_full.json)
+    PYTHONPATH=. .venv/bin/python benchmarks/buckets.py --parts demo_square_vae --vae-run runs/demo
 
 Parts (results merge into benchmarks/results/buckets.json and buckets.md, one key per part):
 - pixels: share of each image's pixels that reaches the cache, buckets vs square crop, for the synth mix
@@ -15,7 +16,8 @@ Parts (results merge into benchmarks/results/buckets.json and buckets.md, one ke
   image pixels/s from the run's metrics, with and without the data wait (a square cache streams through Ray
   Data, which restarts every epoch: on a small cache that wait dominates; a bucketed cache is read into each
   worker's memory once);
-- demo: the bucketed demo's caption faithfulness per generated size next to the square demo's.
+- demo: the bucketed demo's caption faithfulness per generated size next to the square demo's;
+- demo_square_vae: the bucketed demo again, but on the VAE of a square-scene demo run (`--vae-run`).
 Timing parts are only meaningful on an idle machine: the machine's load average is recorded with every part.
 """
 
@@ -130,6 +132,33 @@ def part_demo(square_run: str, out: str) -> dict:
     return {"square": square["generated"], "buckets": buckets["generated"], "buckets_by_size": by_size}
 
 
+def part_demo_square_vae(vae_run: str, out: str) -> dict:
+    """The bucketed demo with the VAE (and text encoder) of a square-scene demo run instead of its own.
+
+    The demo's VAE trains on square centre crops; of a 96x64 or 64x96 scene that crop cuts the shapes of two
+    quadrants in half. Reusing a VAE that saw whole shapes tells whether the VAE or the UNet's bucketed
+    training loses shape. The data, preprocess, UNet, sampling and scoring are the bucketed demo's own stages.
+    """
+    import shutil
+
+    from sdray.demo import DemoOptions, demo_config
+    from sdray.demo import run as stages
+    from sdray.demo.results import DemoRun
+
+    run_dir = Path(out).absolute()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    shutil.copytree(Path(vae_run) / "model", run_dir / "model")
+    cfg = demo_config("demo_buckets", [], quick=False)
+    run = DemoRun(out=run_dir, cfg=cfg, opts=DemoOptions(output=str(run_dir)).effective())
+    for stage in (stages.stage_data, stages.stage_preprocess, stages.stage_train, stages.stage_generate,
+                  stages.stage_evaluate):  # fmt: skip
+        stage(run)
+    metrics = run.results.faithfulness
+    by_size = metrics["generated_by_size"]
+    return {"vae_from": vae_run, "buckets": metrics["generated"], "buckets_by_size": by_size}
+
+
 def write(results: dict) -> None:
     path = RESULTS / "buckets.json"
     merged = json.loads(path.read_text()) if path.is_file() else {}
@@ -145,13 +174,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--parts", default="pixels,cache", help="comma-separated: pixels,cache,train,demo")
+    parser.add_argument(
+        "--parts", default="pixels,cache", help="comma-separated: pixels,cache,train,demo,demo_square_vae"
+    )
     parser.add_argument("--images", type=int, default=96, help="synth images for cache/train")
     parser.add_argument("--steps", type=int, default=40, help="training steps per cache (train)")
     parser.add_argument(
         "--demo-square", default="runs/demo", help="a finished square `sdray demo` run, or its metrics .json"
     )
     parser.add_argument("--demo-out", default="runs/demo-buckets", help="where the bucketed demo runs (demo)")
+    parser.add_argument(
+        "--vae-run",
+        default="runs/demo",
+        help="a demo run on square scenes whose model/ (VAE) demo_square_vae uses",
+    )
     args = parser.parse_args()
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="sdray-buckets-") as tmp:
@@ -166,6 +202,8 @@ def main() -> None:
                 value = part_train(Path(tmp) / "train", args.images, args.steps)
             elif part == "demo":
                 value = part_demo(args.demo_square, args.demo_out)
+            elif part == "demo_square_vae":
+                value = part_demo_square_vae(args.vae_run, args.demo_out + "-square-vae")
             else:
                 raise SystemExit(f"unknown part {part!r}")
             wall = round(time.perf_counter() - start, 1)

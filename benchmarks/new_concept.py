@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import platform
 import shutil
@@ -91,7 +92,11 @@ def class_images(cfg, model: Path, prompts: list[str], work: Path) -> Path:
     rows = [{"prompt": p, "seed": CLASS_SEED + i} for i, p in enumerate(prompts)]
     prompt_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     gen = dataclasses.replace(
-        cfg.batch_generate, prompts=str(prompt_file), output=str(work / "class_images"), concurrency=2, **SAMPLING
+        cfg.batch_generate,
+        prompts=str(prompt_file),
+        output=str(work / "class_images"),
+        concurrency=2,
+        **SAMPLING,
     )
     run_batch_generate(dataclasses.replace(cfg, model=model_at(cfg.model, model), batch_generate=gen))
     preprocess(cfg, model, work / "class_images", work / "class_cache")
@@ -135,9 +140,9 @@ def evaluate(model: Path, lora: str | None, prompt_sets: dict[str, list], held_o
     side = sampler.info.native_size
     scores = {}
     for name, prompts in prompt_sets.items():
+        steps, guidance, scheduler = SAMPLING.values()
         requests = [
-            GenerationRequest(p, (EVAL_SEED + i,), side, side, SAMPLING["steps"], SAMPLING["guidance_scale"],
-                              SAMPLING["scheduler"])  # fmt: skip
+            GenerationRequest(p, (EVAL_SEED + i,), side, side, steps, guidance, scheduler)
             for i, (p, _) in enumerate(prompts)
         ]
         arrays = sampler.generate(requests, max_batch=16)
@@ -153,7 +158,7 @@ def table(results: dict) -> list[str]:
         "| model | new colour on new prompts | old: colour | shape | position | all | largest old drop |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, row in rows.items():
+    for row in rows.values():
         old = row["old"]
         drop = max(before[a] - old[a] for a in ATTRS)
         cells = [f"{old[a]:.2f}" for a in ATTRS]
@@ -188,8 +193,12 @@ def write(results: dict) -> None:
 
 
 def main() -> None:  # noqa: PLR0915 - one linear experiment, kept in order
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="runs/concept", help="work directory (base run, caches, fine-tunes)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--work", default="runs/concept", help="work directory (base run, caches, fine-tunes)"
+    )
     parser.add_argument("--reuse-base", action="store_true", help="keep an existing base run in WORK/base")
     parser.add_argument("--new-color", default="magenta", help="the colour the base never sees")
     parser.add_argument("--new-images", type=int, default=300, help="scenes of the new colour")
@@ -200,6 +209,7 @@ def main() -> None:  # noqa: PLR0915 - one linear experiment, kept in order
     parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS))
     parser.add_argument("--quick", action="store_true", help="smoke run: the quick demo as base (no result)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from sdray.cluster import ensure_ray
     from sdray.data.synth import COLORS, SynthConfig, write_synth
@@ -235,7 +245,11 @@ def main() -> None:  # noqa: PLR0915 - one linear experiment, kept in order
         result = fine_tune(cfg, base, new_cache, class_cache, variant, args, work / variant.name)
         model, lora = (base, result.lora) if variant.lora else (Path(result.model), None)
         scores = evaluate(model, lora, prompt_sets, held_out)
-        models[variant.name] = {"label": variant.label, **scores, "wall_s": round(time.perf_counter() - t0, 1)}
+        models[variant.name] = {
+            "label": variant.label,
+            **scores,
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
         print(variant.name, json.dumps(models[variant.name]), flush=True)
 
     train = cfg.train
