@@ -118,10 +118,11 @@ def part_train(work: Path, images: int, steps: int) -> dict:
     return runs | {"caches": caches}
 
 
-def part_demo(square_run: str, out: str) -> dict:
+def part_demo(square_run: str, out: str, overrides: list[str]) -> dict:
     from sdray.demo import DemoOptions, demo_config, run_demo
 
-    report = run_demo(DemoOptions(output=out, overwrite=True), demo_config("demo_buckets", [], quick=False))
+    cfg = demo_config("demo_buckets", overrides, quick=False)
+    report = run_demo(DemoOptions(output=out, overwrite=True), cfg)
     buckets = json.loads((report / "metrics.json").read_text())["faithfulness"]
     # A square run directory, or a committed demo result (benchmarks/results/demo_full.json)
     reference = (
@@ -132,7 +133,7 @@ def part_demo(square_run: str, out: str) -> dict:
     return {"square": square["generated"], "buckets": buckets["generated"], "buckets_by_size": by_size}
 
 
-def part_demo_square_vae(vae_run: str, out: str) -> dict:
+def part_demo_square_vae(vae_run: str, out: str, overrides: list[str]) -> dict:
     """The bucketed demo with the VAE (and text encoder) of a square-scene demo run instead of its own.
 
     The demo's VAE trains on square centre crops; of a 96x64 or 64x96 scene that crop cuts the shapes of two
@@ -149,7 +150,7 @@ def part_demo_square_vae(vae_run: str, out: str) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     shutil.copytree(Path(vae_run) / "model", run_dir / "model")
-    cfg = demo_config("demo_buckets", [], quick=False)
+    cfg = demo_config("demo_buckets", overrides, quick=False)
     run = DemoRun(out=run_dir, cfg=cfg, opts=DemoOptions(output=str(run_dir)).effective())
     for stage in (stages.stage_data, stages.stage_preprocess, stages.stage_train, stages.stage_generate,
                   stages.stage_evaluate):  # fmt: skip
@@ -159,12 +160,46 @@ def part_demo_square_vae(vae_run: str, out: str) -> dict:
     return {"vae_from": vae_run, "buckets": metrics["generated"], "buckets_by_size": by_size}
 
 
+DEMO_LABELS = {
+    "demo": "bucketed demo (mixed aspects, its own VAE)",
+    "demo_square_vae": "bucketed demo (mixed aspects) on a square-scene run's VAE",
+    "demo_square_scenes_bucket_path": "square scenes only, through the bucket path",
+}
+
+
+def demo_table(merged: dict) -> list[str]:
+    """Colour / shape / position of every demo result, overall and per generated size (WxH)."""
+    lines = [
+        "## Demo runs: colour / shape / position accuracy of the generated images",
+        "",
+        "| result | all sizes | " + " | ".join(f"{s} (WxH)" for s in ("80x48", "64x64", "48x80")) + " |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(score: dict | None) -> str:
+        return "" if not score else f"{score['color']:.2f} / {score['shape']:.2f} / {score['position']:.2f}"
+
+    for key, value in merged.items():
+        if "demo" not in key:
+            continue
+        rows = {"square demo (reference)": (value["square"]["all"], {})} if key == "demo" else {}
+        label = " ".join([DEMO_LABELS.get(key.split(" ")[0], key), *key.split(" ")[1:]])
+        rows[f"{label} (`{key.split(' ')[0]}`)"] = (
+            value["buckets"]["all"],
+            value.get("buckets_by_size") or {},
+        )
+        for name, (overall, by_size) in rows.items():
+            sizes = [cell((by_size.get(s) or {}).get("all")) for s in ("80x48", "64x64", "48x80")]
+            lines.append(f"| {name} | {cell(overall)} | {' | '.join(sizes)} |")
+    return lines
+
+
 def write(results: dict) -> None:
     path = RESULTS / "buckets.json"
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged.update(results)
     path.write_text(json.dumps(merged, indent=2) + "\n")
-    lines = ["# Aspect-ratio buckets vs square crop (`benchmarks/buckets.py`)", ""]
+    lines = ["# Aspect-ratio buckets vs square crop (`benchmarks/buckets.py`)", "", *demo_table(merged), ""]
     for part, value in merged.items():
         lines += [f"## {part}", "", "```json", json.dumps(value, indent=2), "```", ""]
     (RESULTS / "buckets.md").write_text("\n".join(lines))
@@ -184,6 +219,13 @@ def main() -> None:
     )
     parser.add_argument("--demo-out", default="runs/demo-buckets", help="where the bucketed demo runs (demo)")
     parser.add_argument(
+        "--demo-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override of the demo parts (repeatable), e.g. train.max_steps=2400; part of the result's key",
+    )
+    parser.add_argument(
         "--vae-run",
         default="runs/demo",
         help="a demo run on square scenes whose model/ (VAE) demo_square_vae uses",
@@ -201,14 +243,15 @@ def main() -> None:
             elif part == "train":
                 value = part_train(Path(tmp) / "train", args.images, args.steps)
             elif part == "demo":
-                value = part_demo(args.demo_square, args.demo_out)
+                value = part_demo(args.demo_square, args.demo_out, args.demo_set)
             elif part == "demo_square_vae":
-                value = part_demo_square_vae(args.vae_run, args.demo_out + "-square-vae")
+                value = part_demo_square_vae(args.vae_run, args.demo_out + "-square-vae", args.demo_set)
             else:
                 raise SystemExit(f"unknown part {part!r}")
             wall = round(time.perf_counter() - start, 1)
-            results[part] = {**value, "wall_s": wall, "load_avg_1_5_15_at_start": load}
-            print(part, json.dumps(results[part]))
+            key = f"{part} ({', '.join(args.demo_set)})" if args.demo_set and "demo" in part else part
+            results[key] = {**value, "wall_s": wall, "load_avg_1_5_15_at_start": load}
+            print(key, json.dumps(results[key]))
     write(results)
 
 
