@@ -135,6 +135,7 @@ def fine_tune(cfg, model: Path, new_cache: Path, class_cache: Path, variant: Var
         learning_rate=args.lora_lr if variant.lora else args.full_lr,
         checkpoint_every=args.steps,
         class_data=str(class_cache) if variant.prior else "",
+        prior_loss_weight=args.prior_loss_weight,
         lora=dataclasses.replace(cfg.train.lora, enabled=variant.lora, rank=4),
     )
     return run_training(train, model_at(cfg.model, model), cfg.tracking)
@@ -169,6 +170,21 @@ def evaluate(model: Path, lora: str | None, prompt_sets: dict[str, list], held_o
         recovered = [recover(Image.fromarray((a[0] * 255).round().astype("uint8"))) for a in arrays]
         scores[name] = score(recovered, [t for _, t in prompts], held_out=held_out)["all"]
     return scores
+
+
+def run_settings(args, variant: Variant) -> tuple[dict[str, float], dict[str, float]]:
+    """(what a fine-tune ran with, the defaults); a setting off its default names the result."""
+    defaults = {"lr": 1e-3 if variant.lora else 2e-4, "steps": 300, "prior_loss_weight": 1.0}
+    settings = {
+        "lr": args.lora_lr if variant.lora else args.full_lr,
+        "steps": args.steps,
+        "prior_loss_weight": args.prior_loss_weight if variant.prior else 1.0,
+    }
+    return settings, defaults
+
+
+def results_command() -> str:
+    return " ".join(["benchmarks/new_concept.py", *sys.argv[1:]])
 
 
 def table(results: dict) -> list[str]:
@@ -226,6 +242,12 @@ def main() -> None:  # noqa: PLR0915 - one linear experiment, kept in order
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps of every variant")
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--full-lr", type=float, default=2e-4)
+    parser.add_argument("--prior-loss-weight", type=float, default=1.0, help="train.prior_loss_weight")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="with --reuse-base: add these fine-tunes to the committed result (named by their settings)",
+    )
     parser.add_argument("--per-combination", type=int, default=4, help="evaluated images per combination")
     parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS))
     parser.add_argument("--quick", action="store_true", help="smoke run: the quick demo as base (no result)")
@@ -263,20 +285,25 @@ def main() -> None:  # noqa: PLR0915 - one linear experiment, kept in order
     print("base", json.dumps(models["base"]), flush=True)
     chosen = [v for v in VARIANTS if v.name in args.variants.split(",")]
     for variant in chosen:
+        settings, defaults = run_settings(args, variant)
+        changed = {k: v for k, v in settings.items() if v != defaults[k]}
+        key = "_".join([variant.name, *(f"{k}{v:g}" for k, v in changed.items())])
         t0 = time.perf_counter()
         result = fine_tune(cfg, base, new_cache, class_cache, variant, args, work / variant.name)
         model, lora = (base, result.lora) if variant.lora else (Path(result.model), None)
         scores = evaluate(model, lora, prompt_sets, held_out)
-        models[variant.name] = {
-            "label": variant.label,
+        note = ", ".join(f"{k} {v:g}" for k, v in changed.items())
+        models[key] = {
+            "label": variant.label + (f" ({note})" if note else ""),
+            "settings": settings,
             **scores,
             "wall_s": round(time.perf_counter() - t0, 1),
         }
-        print(variant.name, json.dumps(models[variant.name]), flush=True)
+        print(key, json.dumps(models[key]), flush=True)
 
     train = cfg.train
     results = {
-        "command": " ".join(["benchmarks/new_concept.py", *sys.argv[1:]]),
+        "command": results_command(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU",
         "setup": {
             "new_color": args.new_color,
@@ -298,6 +325,14 @@ def main() -> None:  # noqa: PLR0915 - one linear experiment, kept in order
         "load_avg_end": [round(x, 2) for x in os.getloadavg()],
         "wall_s": round(time.perf_counter() - start, 1),
     }
+    if args.append:
+        if not args.reuse_base:
+            raise SystemExit(
+                "--append needs --reuse-base: the added fine-tunes must start from the same base"
+            )
+        earlier = json.loads((RESULTS / "new_concept.json").read_text())
+        results = {**earlier, "models": {**earlier["models"], **models}}
+        results["appended"] = [*earlier.get("appended", []), results_command()]
     if not args.quick:
         write(results)
     print("\n".join(table(results)))
