@@ -225,6 +225,8 @@ def write(results: dict) -> None:
         "",
         *table(results),
         "",
+        *[f"Rows added later from the same base: `{command}`." for command in results.get("appended", [])],
+        "",
     ]
     (RESULTS / "new_concept.md").write_text("\n".join(lines))
 

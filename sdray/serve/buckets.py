@@ -1,8 +1,9 @@
 """The trained aspect-ratio buckets of a model directory, and whether a requested size is near one. Light.
 
 A model trained on a bucketed cache records its ladder and rows per bucket in `sdray_train.yaml`
-(`cache_info.buckets`, `bucket_counts`, written by export); the buckets that held rows are the trained ones. A request far from every trained bucket is refused with the list (`serve.off_bucket: refuse`),
-or runs with a warning in the log (`warn`). A model without recorded buckets accepts any valid size.
+(`cache_info.buckets`, `bucket_counts`, written by export); the buckets that held rows are the trained ones.
+A request far from every trained bucket is refused with the list (`serve.off_bucket: refuse`), or runs with
+a warning in the log (`warn`). A model without recorded buckets accepts any valid size.
 """
 
 from __future__ import annotations
