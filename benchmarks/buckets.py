@@ -152,9 +152,7 @@ def part_demo_square_vae(vae_run: str, out: str, overrides: list[str]) -> dict:
     shutil.copytree(Path(vae_run) / "model", run_dir / "model")
     cfg = demo_config("demo_buckets", overrides, quick=False)
     run = DemoRun(out=run_dir, cfg=cfg, opts=DemoOptions(output=str(run_dir)).effective())
-    for stage in (stages.stage_data, stages.stage_preprocess, stages.stage_train, stages.stage_generate,
-                  stages.stage_evaluate):  # fmt: skip
-        stage(run)
+    stages.run_stages(run, ["data", "preprocess", "train", "generate", "evaluate"], progress=print)
     metrics = run.results.faithfulness
     by_size = metrics["generated_by_size"]
     return {"vae_from": vae_run, "buckets": metrics["generated"], "buckets_by_size": by_size}

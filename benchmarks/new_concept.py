@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sdray.demo.run import model_at
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLING = {"steps": 25, "guidance_scale": 2.0, "scheduler": "ddim"}  # the demo's own (sdray/demo/config.py)
 EVAL_SEED, CLASS_SEED = 0, 100_000  # class images never share a seed with an evaluated image
@@ -62,11 +64,6 @@ VARIANTS = (
 )
 
 
-def model_at(model, path: Path):
-    """The model config that loads a saved directory (the demo preset's size overrides must go)."""
-    return dataclasses.replace(model, path=str(path), unet={}, vae={}, text_encoder={}, scheduler={})
-
-
 def base_run(cfg_all, cfg_old, out: Path, *, reuse: bool, quick: bool) -> Path:
     """Train the base model with the demo's stages; returns its exported model directory.
 
@@ -85,13 +82,10 @@ def base_run(cfg_all, cfg_old, out: Path, *, reuse: bool, quick: bool) -> Path:
         return model
     opts = DemoOptions(output=str(out), overwrite=True, quick=quick).effective()
     run = DemoRun(out=stages.prepare_output(opts), cfg=cfg_all, opts=opts)
-    stages.stage_data(run)
-    stages.stage_vae(run)
+    stages.run_stages(run, ["data", "vae"], progress=print)
     shutil.rmtree(out / "data")
     run.cfg = cfg_old
-    for stage in (stages.stage_data, stages.stage_preprocess, stages.stage_train, stages.stage_generate,
-                  stages.stage_evaluate):  # fmt: skip
-        stage(run)
+    stages.run_stages(run, ["data", "preprocess", "train", "generate", "evaluate"], progress=print)
     write_report(run, out / stages.REPORT_DIR)
     return model
 
@@ -143,8 +137,6 @@ def fine_tune(cfg, model: Path, new_cache: Path, class_cache: Path, variant: Var
 
 def evaluate(model: Path, lora: str | None, prompt_sets: dict[str, list], held_out: list) -> dict[str, Any]:
     """Sample every prompt of each set (seed = EVAL_SEED + index) and score what the pixels show."""
-    from PIL import Image
-
     from sdray.evaluate.attributes import recover
     from sdray.evaluate.faithfulness import score
     from sdray.models.components import load_components
@@ -167,7 +159,7 @@ def evaluate(model: Path, lora: str | None, prompt_sets: dict[str, list], held_o
             for i, (p, _) in enumerate(prompts)
         ]
         arrays = sampler.generate(requests, max_batch=16)
-        recovered = [recover(Image.fromarray((a[0] * 255).round().astype("uint8"))) for a in arrays]
+        recovered = [recover(a[0]) for a in arrays]  # (H, W, 3) floats in [0, 1]
         scores[name] = score(recovered, [t for _, t in prompts], held_out=held_out)["all"]
     return scores
 

@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -50,7 +50,7 @@ def prepare_output(opts: DemoOptions) -> Path:
     return out
 
 
-def _model_at(model: ModelConfig, path: Path | str) -> ModelConfig:
+def model_at(model: ModelConfig, path: Path | str) -> ModelConfig:
     """The model config that loads ``path`` (a saved architecture: the preset's size overrides must go)."""
     return dataclasses.replace(model, path=str(path), unet={}, vae={}, text_encoder={}, scheduler={})
 
@@ -83,7 +83,7 @@ def stage_preprocess(run: DemoRun) -> None:
 
     pre = dataclasses.replace(run.cfg.preprocess, input=str(run.out / "data"), output=str(run.out / "cache"))
     summary = run_preprocess(
-        dataclasses.replace(run.cfg, model=_model_at(run.cfg.model, run.out / "model"), preprocess=pre)
+        dataclasses.replace(run.cfg, model=model_at(run.cfg.model, run.out / "model"), preprocess=pre)
     )
     run.results.preprocess = summary
 
@@ -93,7 +93,7 @@ def stage_train(run: DemoRun) -> None:
     from sdray.train.run import run_training
 
     train_cfg = dataclasses.replace(run.cfg.train, data=str(run.out / "cache"), output=str(run.out / "train"))
-    result = run_training(train_cfg, _model_at(run.cfg.model, run.out / "model"), run.cfg.tracking)
+    result = run_training(train_cfg, model_at(run.cfg.model, run.out / "model"), run.cfg.tracking)
     if result.model is None:
         raise ConfigError("UNet training exported no model: the demo needs train.export: true")
     history = read_metrics(result.output)
@@ -116,7 +116,7 @@ def stage_generate(run: DemoRun) -> None:
 
     opts = run.opts
     model_dir = _done(run.results.unet, "train").model
-    sampler = Sampler(load_components(_model_at(run.cfg.model, model_dir)), source=model_dir)
+    sampler = Sampler(load_components(model_at(run.cfg.model, model_dir)), source=model_dir)
     prompts = evaluation_prompts(run.cfg.synth, per_combination=opts.samples_per_prompt)
     prompts = prompts[: opts.max_images or None]  # held-out combinations come first
     native = sampler.info.native_size
@@ -190,14 +190,23 @@ def run_demo(
     run = DemoRun(out=prepare_output(opts), cfg=cfg, opts=opts)
     run.load_avg["start"] = [round(x, 2) for x in os.getloadavg()]
     ensure_ray()
-    for index, (name, stage) in enumerate(STAGES, start=1):
-        progress(f"[{index}/{len(STAGES)}] {name} ...")
-        start = time.perf_counter()
-        stage(run)
-        run.stage_s[name] = round(time.perf_counter() - start, 2)
-        progress(f"[{index}/{len(STAGES)}] {name} done in {run.stage_s[name]:.1f} s{_stage_note(run, name)}")
+    run_stages(run, [name for name, _ in STAGES], progress=progress)
     run.load_avg["end"] = [round(x, 2) for x in os.getloadavg()]
     return write_report(run, run.out / REPORT_DIR)
+
+
+def run_stages(run: DemoRun, names: Sequence[str], *, progress: Callable[[str], None] = log.info) -> None:
+    """Run the stages ``names`` (of STAGES) in that order on ``run``, timing each into ``run.stage_s``.
+
+    `run_demo` runs all of them; a benchmark may run a subset on a prepared run directory (e.g. reuse a VAE).
+    """
+    by_name = dict(STAGES)
+    for index, name in enumerate(names, start=1):
+        progress(f"[{index}/{len(names)}] {name} ...")
+        start = time.perf_counter()
+        by_name[name](run)
+        run.stage_s[name] = round(time.perf_counter() - start, 2)
+        progress(f"[{index}/{len(names)}] {name} done in {run.stage_s[name]:.1f} s{_stage_note(run, name)}")
 
 
 def _stage_note(run: DemoRun, name: str) -> str:
