@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
+        cfg = load_config(args, flag_overrides(args, FLAGS))
         from sdray.batchgen.run import run_batch_generate
 
-        cfg = load_config(args, flag_overrides(args, FLAGS))
         summary = run_batch_generate(cfg)
         print(json.dumps(summary, indent=2))
         rejected = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items()) or "none"

@@ -9,6 +9,7 @@ import signal
 import traceback
 from collections.abc import Callable
 
+from sdray.config import dump_yaml
 from sdray.console import Console, quiet_console
 from sdray.errors import SdrayError
 from sdray.pipeline_config import DEFAULT_CONFIG, Override, PipelineConfig, load_pipeline_config
@@ -19,8 +20,13 @@ EXIT_BUG = 1
 RESUME_HINT = "interrupted: only completed outputs were published; re-run the same command to resume"
 
 
-def make_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """A parser whose description is the entry point's docstring (the runbook), with the config flags."""
+class ConfigPrinted(Exception):
+    """``--print-config`` was given: the resolved config is printed, nothing runs (exit 0)."""
+
+
+def make_parser(prog: str, doc: str | None, *, print_config: bool = True) -> argparse.ArgumentParser:
+    """A parser whose description is the entry point's docstring (the runbook), with the config flags
+    (and ``--print-config`` for the entry points that resolve a pipeline config)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -40,6 +46,13 @@ def make_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log at DEBUG level and show Ray's own output here"
     )
+    if print_config:
+        parser.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the resolved config (the file, then --set, then the flags) as YAML and exit: checks "
+            "the flags and values without starting Ray or reading any data",
+        )
     return parser
 
 
@@ -49,7 +62,16 @@ def load_config(args: argparse.Namespace, extra: list[str] | None = None) -> Pip
     A bad value typed on the command line is blamed on its flag (``--set train.x``, ``--num-images``), not
     on the config file.
     """
-    return load_pipeline_config(args.config, [*cli_overrides(args), *(extra or [])])
+    cfg = load_pipeline_config(args.config, [*cli_overrides(args), *(extra or [])])
+    stop_if_printing(args, cfg)
+    return cfg
+
+
+def stop_if_printing(args: argparse.Namespace, cfg: PipelineConfig) -> None:
+    """With ``--print-config``: print ``cfg`` as YAML and end the command (exit 0) before it does anything."""
+    if getattr(args, "print_config", False):
+        print(dump_yaml(cfg), end="")
+        raise ConfigPrinted
 
 
 def cli_overrides(args: argparse.Namespace) -> list[str]:
@@ -116,6 +138,8 @@ def _setup_logging(console: Console, verbose: bool) -> list[logging.Handler]:
 def _run_body(body: Callable[[], int | None], console: Console, interrupted: str) -> int:
     try:
         return body() or 0
+    except ConfigPrinted:
+        return 0
     except SdrayError as exc:
         console.fail(f"error: {exc}")
         return EXIT_USER_ERROR

@@ -13,7 +13,6 @@ import argparse
 import sys
 
 from pipelines.common import flag_overrides, load_config, make_parser, run
-from sdray.data.synth import write_synth
 
 FLAGS = {
     "num_images": "synth.num_images",
@@ -50,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = load_config(args, flag_overrides(args, FLAGS)).synth
+        from sdray.data.synth import write_synth
+
         out = write_synth(cfg, args.out, overwrite=args.overwrite)
         print(f"wrote {cfg.num_images} images ({cfg.resolution}px) to {out}")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from pipelines.common import cli_overrides, make_parser, run
+from pipelines.common import cli_overrides, make_parser, run, stop_if_printing
 from sdray.demo.config import DemoOptions
 
 
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             guidance_scale=args.guidance_scale,
         )
         cfg = demo_config(args.config, cli_overrides(args), quick=args.quick)
+        stop_if_printing(args, cfg)
         report = run_demo(opts, cfg, progress=lambda line: print(line, flush=True))
         metrics = json.loads((report / "metrics.json").read_text())
         print("\n".join(summary_lines(metrics["faithfulness"])))

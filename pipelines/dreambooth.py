@@ -42,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
+        cfg = load_config(args, flag_overrides(args, FLAGS))
         from sdray.dreambooth.run import run_dreambooth
 
-        summary = run_dreambooth(load_config(args, flag_overrides(args, FLAGS)))
+        summary = run_dreambooth(cfg)
         print(json.dumps(summary, indent=2, default=str))
         print(f"model: {summary['model']}")
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 import sys
 
 from pipelines.common import make_parser, run
-from sdray.evaluate import EvaluateOptions, evaluate_dir, summary_lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser("sdray evaluate", __doc__)
+    parser = make_parser("sdray evaluate", __doc__, print_config=False)
     parser.add_argument("--generated", required=True, help="directory of PNGs with manifest.jsonl")
     parser.add_argument("--out", required=True, help="directory for metrics.json and grid.png")
     parser.add_argument("--data", default="", help="synth data set: real images and held-out combinations")
@@ -27,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
+        from sdray.evaluate import EvaluateOptions, evaluate_dir, summary_lines
+
         opts = EvaluateOptions(
             generated=args.generated,
             output=args.out,

@@ -14,7 +14,6 @@ import argparse
 import sys
 
 from pipelines.common import run
-from sdray.train.export import export_from_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
+        from sdray.train.export import export_from_uri
+
         out = export_from_uri(args.checkpoint, args.out, use_ema=not args.raw, overwrite=args.overwrite)
         print(f"exported {args.checkpoint} to {out}")
 

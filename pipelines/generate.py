@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
+        cfg = load_config(args, flag_overrides(args, {"model": "model.path"}))
+
         from tqdm import tqdm
 
         from sdray.models.components import load_components
@@ -41,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         from sdray.serve.sampler import Sampler, generate_files
         from sdray.serve.schemas import parse_images_request
 
-        cfg = load_config(args, flag_overrides(args, {"model": "model.path"}))
         fields = {name: getattr(args, name) for name in REQUEST_FIELDS if getattr(args, name) is not None}
         loras = [LoraSpec.parse(text) for text in args.lora]  # a missing weights file fails in Sampler
         sampler = Sampler(load_components(cfg.model), source=cfg.model.source, loras=loras)

@@ -13,7 +13,6 @@ import json
 import sys
 
 from pipelines.common import flag_overrides, load_config, make_parser, run
-from sdray.preprocess.run import run_preprocess
 
 FLAGS = {"input": "preprocess.input", "output": "preprocess.output", "resolution": "preprocess.resolution"}
 
@@ -27,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = load_config(args, flag_overrides(args, FLAGS))
+        from sdray.preprocess.run import run_preprocess
+
         summary = run_preprocess(cfg)
         print(json.dumps(summary, indent=2))
         rejected = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items()) or "none"

@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
+        cfg = load_config(args, flag_overrides(args, FLAGS))
         from sdray.serve.app import check_inputs, serve_forever
 
-        cfg = load_config(args, flag_overrides(args, FLAGS))
         key = cfg.serve.api_key_env
         auth = (
             f"API key required (${key})" if os.environ.get(key) else f"no API key (set ${key} to require one)"

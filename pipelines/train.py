@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 
 from pipelines.common import flag_overrides, load_config, make_parser, run
-from sdray.train.run import run_training
 
 FLAGS = {
     "data": "train.data",
@@ -37,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = load_config(args, flag_overrides(args, FLAGS))
+        from sdray.train.run import run_training
+
         result = run_training(cfg.train, cfg.model, cfg.tracking)
         if result.already_done:
             print(

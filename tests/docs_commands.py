@@ -2,8 +2,10 @@
 
 1. Commands live in fences tagged ``bash``; every line is one command (a trailing backslash continues it,
    ``#`` starts a comment). A line starting with ``sdray `` in any other fence is an error: tag the fence.
-2. ``<!-- docs-test: skip REASON -->`` on the line just above a fence leaves the whole block out; the
-   reason is required.
+2. ``<!-- docs-test: skip REASON -->`` on the line just above a fence leaves the whole block out;
+   ``<!-- docs-test: print-config REASON -->`` runs its ``sdray`` commands with ``--print-config`` (flags and
+   config values checked, nothing run; for blocks whose work another test already does) and its other
+   commands as written. The reason is required.
 3. Files run in DOC_ORDER (README.md, then the guides in reading order). A docs/*.md file missing from
    DOC_ORDER is an error. CHAINS split DOC_ORDER into runs that need nothing of each other, each from its
    own fresh directory and in a test module of its own (tests/test_docs_*.py: they run side by side); a
@@ -47,7 +49,9 @@ PREREQUISITES: dict[str, dict[str, str]] = {
     "finetune-serve": {"runs/tiny/model": "README.md's quick start (sdray train ... --out runs/tiny)"},
 }
 """Per chain: path -> what writes it in the docs. The test provides it (the tiny preset's architecture)."""
-SKIP_MARK = re.compile(r"<!--\s*docs-test:\s*skip\b\s*(.*?)\s*-->")
+MARK = re.compile(r"<!--\s*docs-test:\s*(skip|print-config)\b\s*(.*?)\s*-->")
+PRINT_CONFIG = "print-config"
+
 # (regular expression searched in the command, why it cannot run in a test)
 NOT_RUN: tuple[tuple[str, str], ...] = (
     (r"^make\b", "the Makefile's targets are the whole suite and the 15-minute demo"),
@@ -67,14 +71,23 @@ class DocCommand:
     where: str
     """file:line of the command's first line."""
     command: str
+    mode: str = "run"
+    """"run", or PRINT_CONFIG: a `sdray` command of a print-config block, to run with --print-config."""
+
+    @property
+    def runnable(self) -> str:
+        """The command as the runner runs it."""
+        if self.mode == PRINT_CONFIG and re.match(r"^(\w+=\S*\s+)*sdray\s", self.command):
+            return self.command + " --print-config"
+        return self.command
 
 
 class DocsError(Exception):
     """A docs file breaks the rules above."""
 
 
-def _fences(path: Path) -> list[tuple[int, str, str | None, list[tuple[int, str]]]]:
-    """(line number of the fence, its tag, skip reason or None, [(line number, text)]) per fenced block."""
+def _fences(path: Path) -> list[tuple[int, str, str, list[tuple[int, str]]]]:
+    """(line number of the fence, its tag, "run"/"skip"/PRINT_CONFIG, [(line number, text)]) per fenced block."""
     blocks, lines = [], path.read_text().splitlines()
     i = 0
     while i < len(lines):
@@ -82,15 +95,15 @@ def _fences(path: Path) -> list[tuple[int, str, str | None, list[tuple[int, str]
         if not match:
             i += 1
             continue
-        above = SKIP_MARK.search(lines[i - 1]) if i else None
+        above = MARK.search(lines[i - 1]) if i else None
         start, body = i + 1, []
         i += 1
         while i < len(lines) and not re.match(r"^\s*```\s*$", lines[i]):
             body.append((i + 1, lines[i]))
             i += 1
-        if above is not None and not above.group(1):
-            raise DocsError(f"{path.name}:{start - 1}: docs-test: skip needs a reason")
-        blocks.append((start, match.group(1), above.group(1) if above else None, body))
+        if above is not None and not above.group(2):
+            raise DocsError(f"{path.name}:{start - 1}: docs-test: {above.group(1)} needs a reason")
+        blocks.append((start, match.group(1), above.group(1) if above else "run", body))
         i += 1
     return blocks
 
@@ -98,13 +111,13 @@ def _fences(path: Path) -> list[tuple[int, str, str | None, list[tuple[int, str]
 def commands_of(path: Path, name: str) -> list[DocCommand]:
     """The commands of one file, blocks marked skip left out."""
     found = []
-    for start, tag, skip, body in _fences(path):
+    for start, tag, mode, body in _fences(path):
         if tag != "bash":
             stray = [n for n, text in body if text.lstrip().startswith("sdray ")]
             if stray:
                 raise DocsError(f"{name}:{stray[0]}: a sdray command in a ```{tag} fence: tag it ```bash")
             continue
-        if skip is not None:
+        if mode == "skip":
             continue
         pending: list[str] = []
         first = start
@@ -116,7 +129,7 @@ def commands_of(path: Path, name: str) -> list[DocCommand]:
                 continue
             text, pending = _without_comment(" ".join(pending)), []
             if text:  # bash runs the text itself: quotes and pipes as written
-                found.append(DocCommand(f"{name}:{first}", text))
+                found.append(DocCommand(f"{name}:{first}", text, mode))
     return found
 
 

@@ -69,7 +69,7 @@ def _first_serve() -> str:
     return next(
         c.where
         for c in all_commands()
-        if not why_not_run(c.command) and re.search(r"(^|\s)sdray serve\b", c.command)
+        if c.mode == "run" and not why_not_run(c.command) and re.search(r"(^|\s)sdray serve\b", c.command)
     )
 
 
@@ -96,8 +96,8 @@ def run_chain(chain: str, ray_address: str, tiny_model_dir: Path, tmp_path: Path
         if reason:
             print(f"not run: {doc.where}: {doc.command} ({reason})")
             continue
-        command = doc.command
-        if re.search(r"(^|\s)sdray serve\b", command):
+        command = doc.runnable
+        if doc.mode == "run" and re.search(r"(^|\s)sdray serve\b", command):
             if doc.where == first_serve:
                 _serve_once(command, env, work, doc.where)
                 served = True

@@ -6,6 +6,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from pipelines.cli import COMMANDS, main
 
@@ -29,7 +30,48 @@ def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command.split(), "--help"])
     assert exit_info.value.code == 0
-    assert f"usage: sdray {command}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"usage: sdray {command}" in out
+    # Every command that resolves a pipeline config can print it (export and evaluate resolve none).
+    assert ("--print-config" in out) == (command not in ("export", "evaluate"))
+
+
+PRINT_CONFIG = """
+import sys, yaml
+from pipelines.cli import main
+code = main(sys.argv[1:])
+print(yaml.safe_dump({"code": code, "loaded": sorted(m for m in ("torch", "diffusers", "ray") if m in sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["train", "--data", "d", "--out", "o", "--steps", "7", "--set", "train.lora.enabled=true"],
+         {("train", "max_steps"): 7, ("train", "data"): "d", ("train", "output"): "o"}),
+        (["dreambooth", "--instance", "i", "--instance-prompt", "a sks dog", "--num-class-images", "3", "--out", "o"],
+         {("dreambooth", "instance_prompt"): "a sks dog", ("dreambooth", "num_class_images"): 3}),
+        (["serve", "--port", "9000"], {("serve", "port"): 9000}),
+    ],
+)  # fmt: skip
+def test_print_config_prints_the_resolved_config_and_runs_nothing(argv, expect, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", PRINT_CONFIG, *argv, "--print-config"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    printed, _, status = result.stdout.rpartition("code: ")
+    cfg = yaml.safe_load(printed)
+    for (section, key), value in expect.items():
+        assert cfg[section][key] == value
+    # Nothing ran: no output written, and none of the stage libraries was even imported.
+    assert yaml.safe_load("code: " + status) == {"code": 0, "loaded": []}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_print_config_still_refuses_a_bad_value(tmp_path):
+    result = sdray("train", "--data", "d", "--set", "train.batch_size=0", "--print-config")
+    assert result.returncode == 2 and "batch_size" in result.stderr and "model:" not in result.stdout
 
 
 def test_unknown_command_exits_2():

@@ -26,18 +26,22 @@ def test_extractor_rules(tmp_path):
         "```bash\nsdray a --x 1   # comment\nsdray b \\\n    --y 'two words'\n```\n"
         "<!-- docs-test: skip shown, not run -->\n```bash\nsdray c\n```\n"
         "```yaml\nkey: sdray d\n```\n"
+        "<!-- docs-test: print-config done elsewhere -->\n```bash\necho a > f\nX=1 sdray e --y 2\n```\n"
     )
-    assert [c.command for c in commands_of(doc, "x.md")] == [
+    assert [c.runnable for c in commands_of(doc, "x.md")] == [
         "sdray a --x 1",
         "sdray b --y 'two words'",
+        "echo a > f",
+        "X=1 sdray e --y 2 --print-config",
     ]
-    assert [c.where for c in commands_of(doc, "x.md")] == ["x.md:2", "x.md:3"]
+    assert [c.where for c in commands_of(doc, "x.md")] == ["x.md:2", "x.md:3", "x.md:15", "x.md:16"]
     doc.write_text("```\nsdray train --data d\n```\n")
     with pytest.raises(DocsError, match="x.md:2: a sdray command in a ```"):
         commands_of(doc, "x.md")
-    doc.write_text("<!-- docs-test: skip -->\n```bash\nsdray c\n```\n")
-    with pytest.raises(DocsError, match="needs a reason"):
-        commands_of(doc, "x.md")
+    for mark in ("skip", "print-config"):
+        doc.write_text(f"<!-- docs-test: {mark} -->\n```bash\nsdray c\n```\n")
+        with pytest.raises(DocsError, match=f"{mark} needs a reason"):
+            commands_of(doc, "x.md")
     assert why_not_run("SDRAY_API_KEY=s ray job submit -- x") and why_not_run("sdray train --config sd15")
     assert why_not_run("sdray train --data data/latents") is None
 
