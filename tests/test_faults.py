@@ -21,6 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
+FILES = 40  # input files of the interrupted preprocessing run
 
 
 def _sdray(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -56,21 +57,16 @@ def interrupted_cache(tmp_path_factory):
     from sdray.data.synth import SynthConfig, write_synth
 
     root = tmp_path_factory.mktemp("sigterm")
-    # 12 files of 8 rows, encoded 2 at a time: enough work after the first commit for the signal to land
-    data = write_synth(SynthConfig(num_images=96, resolution=64, rows_per_shard=8), root / "input")
+    # 40 files of 8 rows, encoded 2 at a time: once the encoder is up, files are committed over ~2 s, enough
+    # for the signal to land after the first commit and before the last
+    data = write_synth(SynthConfig(num_images=FILES * 8, resolution=64, rows_per_shard=8), root / "input")
     cache = root / "cache"
     args = ("preprocess", "--input", str(data), "--output", str(cache), "--set", "preprocess.decode_batch_size=4",
             "--set", "preprocess.encode_batch_size=2", "--set", "preprocess.rows_per_shard=8")  # fmt: skip
-    logs = root / "logs"  # the quiet command's Ray log (sdray.console), where Ray Data says it started
-    proc = _sdray(*args, env={**os.environ, "SDRAY_LOG_DIR": str(logs)})
-    # Interrupt once Ray Data runs the pipeline. Waiting for the first committed file cannot work here: the
-    # write events of all 12 files reach the driver in one batch (their 12 commits landed within 10 ms, even
-    # with the driver frozen by SIGSTOP the moment the first appeared). Resume from committed files is covered
-    # by test_preprocess.py::test_crashed_run_resumes_to_the_uninterrupted_rows.
-    started = "Starting execution of Dataset"
-    code, output = _terminate_when(
-        proc, lambda _: any(started in p.read_text(errors="replace") for p in logs.glob("*.log"))
-    )
+    proc = _sdray(*args, env={**os.environ, "SDRAY_LOG_DIR": str(root / "logs")})
+    # Interrupt once the first input file is committed: shards are written block by block while encoding goes
+    # on, so files are committed one after another and the signal lands with some done and some not.
+    code, output = _terminate_when(proc, lambda _: any((cache / "_manifest").glob("*.json")))
     state = {
         "code": code,
         "output": output,
@@ -96,13 +92,14 @@ def test_sigterm_on_preprocess_publishes_no_summary_and_rerun_writes_each_row_on
     assert state["code"] == 130, state["output"][-3000:]
     assert "interrupted" in state["output"]
     assert not state["summary_after_kill"]  # the run's completion record is written last
-    assert state["committed_after_kill"] < 12
+    assert 0 < state["committed_after_kill"] < FILES  # what was committed before the signal stays committed
     assert "preprocessing did not finish" in state["reader"]  # training refuses the interrupted cache
     summary = json.loads((cache / "_summary.json").read_text())
-    assert (summary["rows_in"], summary["rows_written"], summary["input_files"]) == (96, 96, 12)
-    assert summary["this_run"]["input_files"] == 12 - state["committed_after_kill"]  # resumed, not redone
+    rows = FILES * 8
+    assert (summary["rows_in"], summary["rows_written"], summary["input_files"]) == (rows, rows, FILES)
+    assert summary["this_run"]["input_files"] == FILES - state["committed_after_kill"]  # resumed, not redone
     ids = pq.read_table(cache, columns=["id"]).column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 96
+    assert len(ids) == len(set(ids)) == rows
 
 
 def test_sigterm_on_train_leaves_checkpoints_but_no_model(interrupted_cache, tmp_path):

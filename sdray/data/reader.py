@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -131,7 +132,6 @@ def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
 
     Rows are not loaded here: the dataset streams shards when a consumer iterates it.
     """
-    import ray.data
 
     info = cache.read_cache_info(path)
     check_compatible(info, expected, where=path)
@@ -150,7 +150,7 @@ def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
         return LatentCache(
             dataset=None, info=info, empty_caption=empty, num_rows=num_rows, bucket_counts=counts
         )
-    dataset = ray.data.read_parquet(sorted(shards), filesystem=fs, columns=columns)
+    dataset = read_parquet_files(sorted(shards), filesystem=fs, columns=columns)
     log.info(
         "latent cache %s: %d rows, latents %s, text %s",
         path,
@@ -159,6 +159,35 @@ def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
         info.text_embeds_shape,
     )
     return LatentCache(dataset=dataset, info=info, empty_caption=empty, num_rows=num_rows)
+
+
+def read_parquet_files(
+    paths: list[str], *, filesystem: pafs.FileSystem, columns: list[str], **read_args: Any
+):
+    """``ray.data.read_parquet`` with a read task per file, each yielding its own blocks.
+
+    Ray 2.60's default parquet reader (DataSourceV2) lists the files in a task of its own and plans reads in
+    buckets of at least 1 MiB of files, so a set of small files went through a single task into one block:
+    a preprocessing run over small files then wrote nothing until its last second, and the listing task cost
+    a worker start per dataset. The V1 reader, which `DataContext.use_datasource_v2` documents as the
+    alternative, reads each file in a task of its own. The flag is read when the read is planned and put
+    back at once, so no other dataset of this process sees it.
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    before = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(
+            paths,
+            filesystem=filesystem,
+            columns=columns,
+            override_num_blocks=read_args.pop("override_num_blocks", len(paths)),
+            **read_args,
+        )
+    finally:
+        context.use_datasource_v2 = before
 
 
 def count_buckets(fs: pafs.FileSystem, shards: list[str]) -> dict[str, int]:

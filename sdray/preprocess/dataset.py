@@ -15,6 +15,7 @@ import ray
 from sdray.batchgen.stages import SamplerActor, write_images
 from sdray.config import to_dict
 from sdray.data.cache import CacheInfo
+from sdray.data.reader import read_parquet_files
 from sdray.errors import ConfigError
 from sdray.pipeline_config import PipelineConfig
 from sdray.preprocess.config import PreprocessConfig
@@ -61,15 +62,14 @@ def build_dataset(
     """
     pre = cfg.preprocess
     check_cpus(pre, ray.cluster_resources().get("CPU", 0.0))
-    ds = ray.data.read_parquet(
+    ds = read_parquet_files(
         paths,
         filesystem=fs,
         columns=[pre.id_column, pre.image_column, pre.caption_column],  # only what we use
         include_paths=True,  # adds `path`: which input file (unit) each row came from
-        # At least one read block per input file. A map task merges what it yields into blocks of up to
-        # Ray Data's target block size, so a read task spanning many small files would carry all their rows
-        # through every stage as one block: nothing would reach the write stage (and no file would be
-        # committed) until the end of the run.
+        # At least one read task per input file. A map task merges what it yields into blocks of up to Ray
+        # Data's target block size, so a task reading many files would carry all their rows through every
+        # stage as one block: none of them would be written (or committed) until all were.
         override_num_blocks=max(len(paths), 2 * int(ray.cluster_resources().get("CPU", 1))),
     )
     ds = ds.map_batches(
@@ -99,9 +99,12 @@ def build_dataset(
     return ds.map_batches(
         write_shards,
         batch_format="numpy",
-        batch_size=pre.rows_per_shard,
+        # Each block is written as it arrives: a batch of rows_per_shard rows would hold back every input
+        # file's rows until that many had gathered (a small run wrote nothing before its last second), and a
+        # kill would lose them all. Now it loses the blocks in flight; the ledger commits files as they finish.
+        batch_size=None,
         num_cpus=pre.write_num_cpus,
-        fn_kwargs={"out": out, "info_json": info.to_json()},
+        fn_kwargs={"out": out, "info_json": info.to_json(), "rows_per_shard": pre.rows_per_shard},
     )
 
 

@@ -149,15 +149,20 @@ def _write_good(
     return [(name, len(good), out.write_shard(name, table), "")]
 
 
-def write_shards(batch: dict[str, np.ndarray], *, out: OutputDir, info_json: str) -> pa.Table:
-    """Write stage: one shard per input file present in the batch; return events for the driver's ledger."""
+def write_shards(
+    batch: dict[str, np.ndarray], *, out: OutputDir, info_json: str, rows_per_shard: int
+) -> pa.Table:
+    """Write stage: the good rows of each input file in the block as shards of at most ``rows_per_shard``
+    rows (one per bucket when bucketed); return events for the driver's ledger."""
     info = cache.CacheInfo.from_json(info_json, where="cache info")
     events: list[dict[str, Any]] = []
     for unit in sorted(set(batch["unit"].tolist())):
         start = time.perf_counter()
         rows = np.flatnonzero(batch["unit"] == unit)
         good = [int(i) for i in rows if not batch["reason"][i]]
-        shards = _write_good(batch, good, unit, out, info) if good else [("", 0, 0, "")]
+        chunks = [good[i : i + rows_per_shard] for i in range(0, len(good), rows_per_shard)]
+        shards = [s for chunk in chunks for s in _write_good(batch, chunk, unit, out, info)]
+        shards = shards or [("", 0, 0, "")]  # all rejected: one event carries the file's timing
         for i in rows:
             if batch["reason"][i]:
                 events.append(
