@@ -1,0 +1,245 @@
+"""CPU training-step speed options on the demo's models, each alone and side by side in one process.
+
+    .venv/bin/python benchmarks/cpu_step_speed.py                       # UNet and VAE, 5 rounds
+    .venv/bin/python benchmarks/cpu_step_speed.py --rounds 2 --steps 5  # quick look
+
+The demo (`pipelines/configs/demo.yaml`) trains a ~1.7M-parameter UNet (2 workers x 1 thread, batch 16 each)
+and a small VAE (1 worker x 2 threads, batch 16). At these sizes a step is hundreds of small kernels, so
+per-tensor Python work (AdamW's loop over parameters, EMA, gradient clipping) is a real share of it. Options,
+each applied alone to a copy of the same model (same weights, same batch) and timed in alternating rounds so
+that machine noise hits all alike:
+
+- `baseline`: what sdray does today (AdamW's default, which on CPU is the per-parameter loop; EMA and
+  clipping per tensor);
+- `foreach`: AdamW(foreach=True), EMAModel(foreach=True), clip_grad_norm_(foreach=True) (multi-tensor ops);
+- `fused`: AdamW(fused=True) (one fused CPU kernel for the update);
+- `channels_last`: the model and its input in channels-last memory format;
+- `compile`: torch.compile of the model (inductor; compile time reported apart);
+- `threads_interop1`: torch.set_num_interop_threads(1) is process-wide, so it is measured as `--interop 1`
+  in a separate run rather than here.
+
+The UNet step is sdray's own (`sdray.train.loss`: v-prediction, zero terminal SNR, caption dropout); the VAE
+step is `sdray.vae.loss.vae_loss`. Results: benchmarks/results/cpu_step_speed.{json,md} (the machine, load
+average at start and end, versions, the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import EMAModel
+
+from sdray.data import cache
+from sdray.models.components import load_components
+from sdray.pipeline_config import load_pipeline_config
+from sdray.train.loss import diffusion_loss, draw_noise, prepare_batch
+from sdray.vae.loss import Autoencode, vae_loss
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OPTIONS = ("baseline", "foreach", "fused", "channels_last", "compile")
+
+
+@dataclass
+class Variant:
+    """One option applied to its own copy of the model; ``step()`` runs one training step."""
+
+    name: str
+    step: Callable[[], float]
+    setup_s: float = 0.0
+
+
+def _optimizer(params, option: str, lr: float) -> torch.optim.Optimizer:
+    extra = {"foreach": True} if option == "foreach" else {"fused": True} if option == "fused" else {}
+    return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, **extra)
+
+
+def _prepare(model: torch.nn.Module, option: str) -> torch.nn.Module:
+    if option == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    if option == "compile":
+        return torch.compile(model)
+    return model
+
+
+def unet_variants(cfg, parts, batch: int, options: tuple[str, ...]) -> list[Variant]:
+    """The demo's UNet step (loss, backward, clip, AdamW, EMA) per option, on the same cached batch."""
+    train = cfg.train
+    info = cache.CacheInfo(
+        vae_scaling_factor=parts.vae_scaling_factor,
+        encoder_fingerprint="",
+        resolution=64,
+        latent_shape=(4, 16, 16),
+        text_embeds_shape=(77, parts.text_embed_dim),
+    )
+    gen = torch.Generator().manual_seed(0)
+    raw = {
+        cache.LATENT: torch.randn(batch, 4 * 16 * 16, generator=gen).half(),
+        cache.TEXT_EMBEDS: torch.randn(batch, 77 * parts.text_embed_dim, generator=gen).half(),
+    }
+    empty = torch.zeros(info.text_embeds_shape)
+    loss_cfg = train.loss.resolve(parts.scheduler.config)
+
+    def make_batch(generator: torch.Generator):
+        return prepare_batch(raw, info, empty, loss_cfg, generator)
+
+    variants = []
+    for option in options:
+        unet = copy.deepcopy(parts.unet).train()
+        params = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = _optimizer(params, option, train.learning_rate)
+        ema = EMAModel(params, decay=0.9999, foreach=option == "foreach")
+        model = _prepare(unet, option)
+        step = _unet_step(model, params, optimizer, ema, option, make_batch, parts.scheduler, loss_cfg)
+        start = time.perf_counter()
+        step()  # warm-up (and, for `compile`, the compilation)
+        variants.append(Variant(option, step, time.perf_counter() - start))
+    return variants
+
+
+def _unet_step(
+    model, params, optimizer, ema, option: str, make_batch, scheduler, loss_cfg
+) -> Callable[[], float]:
+    """sdray's UNet step (sdray.train.loop.StepRunner without DDP): loss, backward, clip, AdamW, EMA."""
+    generator = torch.Generator().manual_seed(1)
+
+    def step() -> float:
+        b = make_batch(generator)
+        if option == "channels_last":
+            b = type(b)(**{**vars(b), "latents": b.latents.contiguous(memory_format=torch.channels_last)})
+        loss = diffusion_loss(
+            model, scheduler, b, loss_cfg, draw_noise(b.latents, scheduler, loss_cfg, generator)
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True if option == "foreach" else None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(params)
+        return loss.item()
+
+    return step
+
+
+def vae_variants(cfg, parts, batch: int, options: tuple[str, ...]) -> list[Variant]:
+    """The demo's VAE step (reconstruction + KL loss, backward, AdamW) per option, on the same images."""
+    vae_cfg = cfg.vae_train
+    images = torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    variants = []
+    for option in options:
+        vae = copy.deepcopy(parts.vae).train()
+        optimizer = _optimizer(vae.parameters(), option, vae_cfg.learning_rate)
+        model = _prepare(Autoencode(vae), option)
+        generator = torch.Generator().manual_seed(1)
+        x = images.contiguous(memory_format=torch.channels_last) if option == "channels_last" else images
+
+        def step(model=model, optimizer=optimizer, generator=generator, x=x):
+            loss, _ = vae_loss(model, x, vae_cfg, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss.item()
+
+        start = time.perf_counter()
+        step()
+        variants.append(Variant(option, step, time.perf_counter() - start))
+    return variants
+
+
+def time_rounds(variants: list[Variant], rounds: int, steps: int) -> dict[str, dict]:
+    """Median seconds per step of each variant over ``rounds`` alternating rounds of ``steps`` steps."""
+    per_step: dict[str, list[float]] = {v.name: [] for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            start = time.perf_counter()
+            for _ in range(steps):
+                v.step()
+            per_step[v.name].append((time.perf_counter() - start) / steps)
+    base = statistics.median(per_step["baseline"])
+    return {
+        v.name: {
+            "s_per_step": round(statistics.median(per_step[v.name]), 5),
+            "min_s": round(min(per_step[v.name]), 5),
+            "max_s": round(max(per_step[v.name]), 5),
+            "speedup": round(base / statistics.median(per_step[v.name]), 3),
+            "first_step_s": round(v.setup_s, 2),
+        }
+        for v in variants
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# CPU training-step options on the demo's models ({result['date']})",
+        "",
+        f"{result['machine']}; load average {result['load_average_at_start'][0]:.2f} at start, "
+        f"{result['load_average_at_end'][0]:.2f} at end; {result['rounds']} alternating rounds of "
+        f"{result['steps']} steps, median. `{result['command']}`",
+        "",
+        "| model | threads | option | s / step | speedup vs baseline | first step s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for part in ("unet", "vae"):
+        for name, r in result.get(part, {}).items():
+            lines.append(
+                f"| {part} | {result['threads'][part]} | {name} | {r['s_per_step']} | {r['speedup']}x "
+                f"| {r['first_step_s']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
+    parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=OPTIONS)
+    parser.add_argument("--parts", nargs="+", default=["unet", "vae"], choices=["unet", "vae"])
+    parser.add_argument("--interop", type=int, default=0, help="torch interop threads (0: torch's default)")
+    parser.add_argument("--out", default="cpu_step_speed", help="results file stem under benchmarks/results")
+    args = parser.parse_args()
+    if args.interop:
+        torch.set_num_interop_threads(args.interop)
+    cfg = load_pipeline_config("demo")
+    parts = load_components(cfg.model)
+    options = tuple(dict.fromkeys(["baseline", *args.options]))
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join([".venv/bin/python", "benchmarks/cpu_step_speed.py", *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+        "versions": {name: version(name) for name in ("torch", "diffusers")},
+        "load_average_at_start": os.getloadavg(),
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "interop_threads": torch.get_num_interop_threads(),
+        "threads": {"unet": cfg.train.torch_threads, "vae": cfg.vae_train.threads_per_worker},
+        "batch": {"unet": cfg.train.batch_size, "vae": cfg.vae_train.batch_size},
+    }
+    for part in args.parts:
+        threads = result["threads"][part]
+        torch.set_num_threads(threads)
+        build = unet_variants if part == "unet" else vae_variants
+        variants = build(cfg, parts, result["batch"][part], options)
+        result[part] = time_rounds(variants, args.rounds, args.steps)
+        print(json.dumps({part: result[part]}, indent=2), flush=True)
+    result["load_average_at_end"] = os.getloadavg()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
