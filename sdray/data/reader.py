@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -162,7 +161,12 @@ def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
 
 
 def read_parquet_files(
-    paths: list[str], *, filesystem: pafs.FileSystem, columns: list[str], **read_args: Any
+    paths: list[str],
+    *,
+    filesystem: pafs.FileSystem,
+    columns: list[str],
+    include_paths: bool = False,
+    min_tasks: int = 0,
 ):
     """``ray.data.read_parquet`` with a read task per file, each yielding its own blocks.
 
@@ -170,8 +174,8 @@ def read_parquet_files(
     buckets of at least 1 MiB of files, so a set of small files went through a single task into one block:
     a preprocessing run over small files then wrote nothing until its last second, and the listing task cost
     a worker start per dataset. The V1 reader, which `DataContext.use_datasource_v2` documents as the
-    alternative, reads each file in a task of its own. The flag is read when the read is planned and put
-    back at once, so no other dataset of this process sees it.
+    alternative, reads each file in a task of its own (and in at least ``min_tasks`` tasks). The flag is read
+    when the read is planned and put back at once, so no other dataset of this process sees it.
     """
     import ray.data
 
@@ -183,8 +187,8 @@ def read_parquet_files(
             paths,
             filesystem=filesystem,
             columns=columns,
-            override_num_blocks=read_args.pop("override_num_blocks", len(paths)),
-            **read_args,
+            include_paths=include_paths,
+            override_num_blocks=max(len(paths), min_tasks),
         )
     finally:
         context.use_datasource_v2 = before

@@ -70,7 +70,7 @@ def build_dataset(
         # At least one read task per input file. A map task merges what it yields into blocks of up to Ray
         # Data's target block size, so a task reading many files would carry all their rows through every
         # stage as one block: none of them would be written (or committed) until all were.
-        override_num_blocks=max(len(paths), 2 * int(ray.cluster_resources().get("CPU", 1))),
+        min_tasks=2 * int(ray.cluster_resources().get("CPU", 1)),
     )
     ds = ds.map_batches(
         decode_batch,
