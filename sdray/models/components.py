@@ -20,7 +20,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdray.errors import ConfigError, InputError
-from sdray.models.config import COMPONENT_NAMES, ModelConfig
+from sdray.models.config import COMPONENT_NAMES, ModelConfig, check_model_path
 from sdray.models.presets import PRESETS
 from sdray.models.tokenizer import clip_tokenizer
 from sdray.storage import atomic_dir
@@ -88,25 +88,6 @@ def load_components(cfg: ModelConfig, parts: Iterable[str] = COMPONENT_NAMES) ->
         if module is not None:
             module.eval()
     return components
-
-
-def check_model_path(cfg: ModelConfig, parts: Iterable[str] = COMPONENT_NAMES) -> None:
-    """Fail fast on a ``model.path`` that is missing or not a diffusers directory (before Ray starts anything).
-
-    Looks only at folder names, so it costs a few stat calls (one listing per part on object storage).
-    """
-    if not cfg.path:
-        return
-    from sdray.storage import exists, join
-
-    if not exists(cfg.path):
-        raise InputError(f"model.path {cfg.path}: does not exist")
-    missing = [f"{name}/" for name in parts if not exists(join(cfg.path, name))]
-    if missing:
-        raise InputError(
-            f"model.path {cfg.path}: not a diffusers model directory (no {', '.join(missing)}); "
-            "give the model/ folder of a training run or an export"
-        )
 
 
 def save_components(components: SDComponents, out_dir: str | Path) -> Path:

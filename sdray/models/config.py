@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -70,3 +71,22 @@ def architecture(cfg: ModelConfig, part: str) -> dict[str, Any]:
     from sdray.models.presets import PRESETS
 
     return {**PRESETS[cfg.preset][part], **getattr(cfg, part)}
+
+
+def check_model_path(cfg: ModelConfig, parts: Iterable[str] = COMPONENT_NAMES) -> None:
+    """Fail fast on a ``model.path`` that is missing or not a diffusers directory (before Ray starts anything).
+
+    Looks only at folder names, so it costs a few stat calls (one listing per part on object storage).
+    """
+    if not cfg.path:
+        return
+    from sdray.storage import exists, join
+
+    if not exists(cfg.path):
+        raise InputError(f"model.path {cfg.path}: does not exist")
+    missing = [f"{name}/" for name in parts if not exists(join(cfg.path, name))]
+    if missing:
+        raise InputError(
+            f"model.path {cfg.path}: not a diffusers model directory (no {', '.join(missing)}); "
+            "give the model/ folder of a training run or an export"
+        )

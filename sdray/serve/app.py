@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from sdray import storage
 from sdray.config import from_dict, to_dict
 from sdray.errors import InputError, SdrayError
-from sdray.models.config import ModelConfig
+from sdray.models.config import ModelConfig, check_model_path
 from sdray.serve.adapters import AdapterCatalog, AdapterChoice, AdapterError
 from sdray.serve.api import create_api
 from sdray.serve.config import ServeConfig
@@ -316,8 +316,6 @@ def check_port_free(host: str, port: int) -> None:
 
 def check_inputs(serve_cfg: ServeConfig, model_cfg: ModelConfig) -> None:
     """What `sdray serve` can check before starting anything: the model directory and the port."""
-    from sdray.models.components import check_model_path
-
     check_model_path(model_cfg)
     check_port_free(serve_cfg.host, serve_cfg.port)
 
