@@ -144,7 +144,7 @@ class RayHead:
                     raise
         raise AssertionError("unreachable")
 
-    def stop(self, grace_s: float = 20) -> None:
+    def stop(self, grace_s: float = 5) -> None:
         """SIGTERM to the head's process group, SIGKILL after ``grace_s``, then leftovers of this temp dir."""
         import psutil
 

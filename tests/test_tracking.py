@@ -1,9 +1,9 @@
 """Experiment tracking and progress lines.
 
 Unit tests of the pieces (progress lines, the failure guard, config), then a real MLflow server
-(tests/mlflow_fixtures.py) tracking a 2-worker training: params, metrics at every step, validation image,
-model artifact, tags, TensorBoard events; a rerun continues the same MLflow run without repeating a step, and
-killing the server mid-run leaves training to finish with a warning.
+(tests/tracking_fixtures.py) tracking a 2-worker training (its losses are the 2-worker golden): params, metrics
+at every step, validation image, model artifact, tags, TensorBoard events; a rerun continues the same MLflow
+run without repeating a step, and killing the server mid-run leaves training to finish with a warning.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from cache_fixtures import write_test_cache
+from golden_losses import TWO_WORKERS, assert_golden
 from tracking_fixtures import start_mlflow_server, tensorboard_steps
 
 from sdray.errors import ConfigError
@@ -182,6 +183,15 @@ def test_training_is_tracked_in_mlflow_and_tensorboard(first_run, server):
     assert client.list_artifacts(run_id, "images"), "the validation grid"
     board = tensorboard_steps(out / "tensorboard")
     assert board["train/loss"] == [1, 2, 3, 4] and board["train/validation"] == [4]
+
+
+@pytest.mark.slow
+def test_two_worker_run_matches_golden(first_run):
+    """DDP over 2 workers, each on its half of the cache (ordered ingest), is as deterministic as 1 worker;
+    tracking changes no number."""
+    out, _, _ = first_run
+    rows = [r for r in read_metrics(str(out)) if r["step"] <= 4]  # the rerun below appends steps 5-12
+    assert_golden(TWO_WORKERS, rows, [1, 2, 3, 4])
 
 
 @pytest.mark.slow

@@ -1,14 +1,13 @@
 """Stage 2 on a real local Ray: train, checkpoint, kill a worker and resume, restart with 2 workers, export.
 
 One baseline run (1 worker, 16 steps) is shared by several tests; the numbers it produces are pinned by
-tests/golden/tiny_loss.txt (regenerate with SDRAY_UPDATE_GOLDEN=1 after a change meant to alter numerics).
+tests/golden/tiny_loss.txt (tests/golden_losses.py; the 2-worker golden is tests/test_tracking.py's run).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import psutil
 import pytest
 import torch
 from cache_fixtures import write_test_cache
+from golden_losses import ONE_WORKER, assert_golden
 from PIL import Image
 
 from sdray.models.config import ModelConfig
@@ -27,8 +27,6 @@ from sdray.train.run import run_training
 
 pytestmark = pytest.mark.slow  # each Ray Train run starts worker processes: ~15-40 s apiece on 2 cores
 
-GOLDEN = Path(__file__).parent / "golden" / "tiny_loss.txt"
-GOLDEN_2W = Path(__file__).parent / "golden" / "tiny_loss_2workers.txt"
 STEPS = 16
 
 
@@ -94,23 +92,7 @@ def test_run_writes_metrics_checkpoints_validation_and_matches_golden(baseline):
     grids = sorted(p.name for p in (out / "validation").iterdir())
     assert grids == ["step-00000008.png", "step-00000016.png"]
     assert Image.open(out / "validation" / grids[0]).size == (2 * 64, 2 * 64)  # 2 seeds x 2 prompts
-    assert_golden(GOLDEN, rows, list(range(1, STEPS + 1)))
-
-
-def test_two_worker_run_matches_golden(ray_session, train_cache, tmp_path):
-    """DDP over 2 workers, each on its half of the cache (ordered ingest), is as deterministic as 1 worker."""
-    cfg = _cfg(train_cache, tmp_path / "two", num_workers=2, max_steps=4, validate_every=-1, export=False)
-    run_training(cfg, ModelConfig())
-    assert_golden(GOLDEN_2W, read_metrics(cfg.output), [1, 2, 3, 4])
-
-
-def assert_golden(golden: Path, rows: list[dict], steps: list[int]) -> None:
-    """fp32 on the CPU with fixed seeds is deterministic: the losses must match to 1e-6 (full precision stored)."""
-    if os.environ.get("SDRAY_UPDATE_GOLDEN"):
-        golden.write_text("".join(f"{r['step']} {r['loss']!r}\n" for r in rows))
-    expected = [line.split() for line in golden.read_text().splitlines()]
-    assert [int(s) for s, _ in expected] == [r["step"] for r in rows] == steps
-    assert [r["loss"] for r in rows] == pytest.approx([float(v) for _, v in expected], rel=1e-6, abs=0)
+    assert_golden(ONE_WORKER, rows, list(range(1, STEPS + 1)))
 
 
 def test_export_loads_in_diffusers_with_ema_weights(baseline):

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from sdray import storage
+from sdray.cluster import export_train_poll_interval
 from sdray.data.reader import ExpectedCache, open_cache
 from sdray.errors import ConfigError, InputError, SdrayError
 from sdray.models.config import ModelConfig, architecture
@@ -322,6 +323,7 @@ def _fit_and_export(
         write_plan_summary(output, cache.bucket_counts, cfg)
     if cfg.materialize:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    export_train_poll_interval()
     with _driver_progress(spec):
         result = _trainer(spec, datasets, tracked).fit()
     latest = result.checkpoint
