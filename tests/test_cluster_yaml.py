@@ -69,3 +69,20 @@ def test_every_node_gets_the_laptops_token_and_starts_ray_with_token_auth():
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         (start,) = [c for c in config[key] if "ray start" in c]
         assert "RAY_AUTH_MODE=token " in start.split("ray start")[0], (key, start)
+
+
+def test_train_poll_interval_reaches_ray_trains_controller_and_a_users_value_wins(monkeypatch):
+    """sdray sets Ray Train's controller poll interval in the driver; Ray Train must hand it on to its
+    controller (a Ray upgrade that stops doing so would silently bring back the 2 s polls)."""
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE, get_env_vars_to_propagate
+
+    from sdray.cluster import TRAIN_POLL_ENV, export_train_poll_interval
+
+    name, value = TRAIN_POLL_ENV
+    assert name in ENV_VARS_TO_PROPAGATE
+    monkeypatch.delenv(name, raising=False)
+    export_train_poll_interval()
+    assert get_env_vars_to_propagate()[name] == value == "0.25"
+    monkeypatch.setenv(name, "5")
+    export_train_poll_interval()
+    assert get_env_vars_to_propagate()[name] == "5"
