@@ -26,6 +26,7 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
+from unittest import mock
 
 import psutil
 
@@ -63,12 +64,15 @@ def one_run(cache: Path, work: Path, poll: str | None) -> dict[str, float]:
         fit_called.append(time.time())
         return real_trainer(*args, **kwargs)
 
-    train_run.train_worker, train_run._trainer = _timed_worker(stamps), trainer
     out = Path(tempfile.mkdtemp(dir=work))
     cfg = TrainConfig(data=str(cache), output=str(out), batch_size=4, max_steps=2, validate_every=-1)
-    start = time.time()
-    train_run.run_training(cfg, ModelConfig())
-    end = time.time()
+    with (
+        mock.patch.object(train_run, "train_worker", _timed_worker(stamps)),
+        mock.patch.object(train_run, "_trainer", trainer),
+    ):
+        start = time.time()
+        train_run.run_training(cfg, ModelConfig())
+        end = time.time()
     (stamp,) = [json.loads(line) for line in stamps.read_text().splitlines()]
     return {
         "driver_s": fit_called[0] - start,

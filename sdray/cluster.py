@@ -18,10 +18,10 @@ SERVE_FAST_PATH_ENV = {
 }
 
 
-# Ray Train's controller polls its workers every 2 s by default, and a run's end is noticed only at the next poll:
-# on a short run that was 2-3 s of every `sdray train` (~18 s in all on a running Ray, 2-core machine). Ray
-# Train hands this variable from the driver to its controller; a value set by the user wins. A poll is one
-# small actor call per worker.
+# Ray Train's controller polls its workers every 2 s by default, and a run's start-up phases and its end wait for
+# the next poll: ~4.7 s of a 2-step run on a running Ray (benchmarks/results/train_fixed_cost.md). Ray Train
+# hands this variable from the driver to its controller; a value set by the user wins. A poll is one small
+# actor call per worker.
 TRAIN_POLL_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 

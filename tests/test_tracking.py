@@ -187,8 +187,7 @@ def test_training_is_tracked_in_mlflow_and_tensorboard(first_run, server):
 
 @pytest.mark.slow
 def test_two_worker_run_matches_golden(first_run):
-    """DDP over 2 workers, each on its half of the cache (ordered ingest), is as deterministic as 1 worker;
-    tracking changes no number."""
+    """DDP over 2 workers, each on its half of the cache (ordered ingest), is as deterministic as 1 worker."""
     out, _, _ = first_run
     rows = [r for r in read_metrics(str(out)) if r["step"] <= 4]  # the rerun below appends steps 5-12
     assert_golden(TWO_WORKERS, rows, [1, 2, 3, 4])
