@@ -340,5 +340,6 @@ def test_bucketed_demo_config_is_the_demo_plus_buckets():
         "synth.aspect_sizes=[64x64, 96x64, 64x96]",
         "preprocess.buckets=true",
         "preprocess.bucket_step=16",
+        "train.loader=auto",
     ]
     assert load_pipeline_config("demo_buckets") == load_pipeline_config("demo", bucket_sets)

@@ -15,10 +15,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from cache_fixtures import write_test_cache
 from golden_losses import ONE_WORKER, assert_golden
 from PIL import Image
 
+from sdray.errors import ConfigError
 from sdray.models.config import ModelConfig
 from sdray.train import checkpoint as ckpt
 from sdray.train.config import LossConfig, TrainConfig
@@ -93,6 +95,7 @@ def test_run_writes_metrics_checkpoints_validation_and_matches_golden(baseline):
     assert grids == ["step-00000008.png", "step-00000016.png"]
     assert Image.open(out / "validation" / grids[0]).size == (2 * 64, 2 * 64)  # 2 seeds x 2 prompts
     assert_golden(ONE_WORKER, rows, list(range(1, STEPS + 1)))
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["train"]["loader"] == "memory"  # auto
 
 
 def test_export_loads_in_diffusers_with_ema_weights(baseline):
@@ -217,8 +220,11 @@ def test_killed_worker_resumes_with_identical_state(baseline, killed_run):
 
 def test_restart_resumes_with_two_workers(killed_run):
     cfg, _, _ = killed_run
-    # materialize: the in-memory cache (the demo's setting) resumes with the same data accounting
-    cfg = dataclasses.replace(cfg, max_steps=STEPS + 4, num_workers=2, grad_accum_steps=2, materialize=True)
+    # the run was trained with the memory loader; it resumes streaming (Ray Data, materialized in the object
+    # store) with the same data accounting
+    cfg = dataclasses.replace(
+        cfg, max_steps=STEPS + 4, num_workers=2, grad_accum_steps=2, loader="stream", materialize=True
+    )
     inode = (Path(cfg.output) / "metrics.jsonl").stat().st_ino
     result = run_training(cfg, ModelConfig())
     rows = read_metrics(cfg.output)
@@ -232,6 +238,26 @@ def test_restart_resumes_with_two_workers(killed_run):
     assert all(math.isfinite(r["loss"]) and r["loss"] < 2.0 for r in new)
     assert ckpt.read_shared_state(final)["resumes"] == 2
     assert new[0]["epoch"] == 1  # each worker's half-shard of 32 rows gives 4 steps of 2x4 per epoch
+    assert yaml.safe_load((Path(cfg.output) / "train_config.yaml").read_text())["train"]["loader"] == "stream"
+
+
+def test_auto_loader_reads_small_caches_into_memory_and_streams_large_ones():
+    from types import SimpleNamespace
+
+    from sdray.train.run import choose_loader
+
+    def cache(megabytes: float, bucketed: bool = False) -> SimpleNamespace:
+        info = SimpleNamespace(buckets=((64, 64),) if bucketed else ())
+        return SimpleNamespace(info=info, num_bytes=int(megabytes * 2**20))
+
+    cfg = TrainConfig(data="c", memory_loader_max_mb=100)
+    assert choose_loader(cfg, [cache(60), cache(40)]) == "memory"  # instance + class cache, 100 MB
+    assert choose_loader(cfg, [cache(60), cache(40.5)]) == "stream"
+    assert choose_loader(dataclasses.replace(cfg, loader="memory"), [cache(5000)]) == "memory"
+    assert choose_loader(dataclasses.replace(cfg, loader="stream"), [cache(1)]) == "stream"
+    assert choose_loader(cfg, [cache(5000, bucketed=True)]) == "memory"  # buckets: always in memory
+    with pytest.raises(ConfigError, match="train.loader stream cannot read a bucketed cache"):
+        choose_loader(dataclasses.replace(cfg, loader="stream"), [cache(1, bucketed=True)])
 
 
 def test_rerun_with_fewer_steps_trains_nothing_and_keeps_the_saved_config(baseline, train_cache, capsys):

@@ -93,7 +93,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
         shard,
     )
     out = tmp_path / "run"
-    cfg = _cfg(data, out, shuffle_buffer=0, checkpoint_every=2, max_steps=8, max_failures=0)
+    cfg = _cfg(data, out, loader="stream", shuffle_buffer=0, checkpoint_every=2, max_steps=8, max_failures=0)
     with pytest.raises(
         TrainingDiverged, match=r"loss became nan at step 3; .*checkpoint-step-00000002.*step 2"
     ):

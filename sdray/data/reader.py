@@ -37,15 +37,26 @@ class ExpectedCache:
 
 @dataclass(frozen=True)
 class LatentCache:
-    """An opened cache: the lazily read rows, its metadata and the empty-caption embedding."""
+    """An opened cache: its committed shards, metadata and the empty-caption embedding (no rows read yet)."""
 
-    dataset: object  # ray.data.Dataset of the tensor columns, each (prod(shape),) float16 per row; None
-    # for a bucketed cache (rows of several shapes: workers read it with sdray.train.bucket_batcher)
     info: cache.CacheInfo
     empty_caption: np.ndarray  # (77, D) float16
     num_rows: int
+    num_bytes: int
+    """Size of the committed parquet shards."""
+    fs: pafs.FileSystem
+    shards: tuple[str, ...]
     bucket_counts: dict[str, int] = field(default_factory=dict)
     """Rows per bucket ("HxW"), counted from the shards; empty for a square cache."""
+
+    def stream(self) -> object:
+        """The tensor columns as a lazily read ray.data.Dataset, each (prod(shape),) float16 per row. Square
+        caches only: a bucketed cache's rows have several shapes (workers read it with
+        sdray.train.bucket_batcher)."""
+        if self.info.buckets:
+            raise ValueError("a bucketed cache cannot be streamed with Ray Data")
+        columns = list(cache.tensor_columns(self.info))
+        return read_parquet_files(list(self.shards), filesystem=self.fs, columns=columns)
 
 
 def check_compatible(info: cache.CacheInfo, expected: ExpectedCache, *, where: str) -> None:
@@ -127,37 +138,41 @@ def cache_shards(path: str) -> tuple[pafs.FileSystem, list[str]]:
 
 
 def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
-    """Validate the cache at ``path`` against ``expected`` and open its tensor columns with Ray Data.
+    """Validate the cache at ``path`` against ``expected`` and list its committed shards.
 
-    Rows are not loaded here: the dataset streams shards when a consumer iterates it.
+    Rows are not loaded here (parquet footers only): training reads them into memory or streams them
+    (`LatentCache.stream`).
     """
 
     info = cache.read_cache_info(path)
     check_compatible(info, expected, where=path)
     empty = cache.read_empty_caption(path, info)
-    columns = list(cache.tensor_columns(info))
     fs, shards = cache_shards(path)
-    num_rows = sum(_shard_rows(fs, shard) for shard in shards)  # parquet footers only: no Ray job
+    num_rows = sum(_shard_rows(fs, shard) for shard in shards)
     if num_rows == 0:
         raise InputError(f"{path}: latent cache has 0 rows (empty data set)")
+    num_bytes = sum(f.size for f in fs.get_file_info(shards))
     from sdray.cluster import ensure_ray
 
     ensure_ray()  # only now: a wrong path or an incompatible cache costs no Ray start-up
-    if info.buckets:
-        counts = count_buckets(fs, shards)
-        log.info("latent cache %s: %d rows in buckets %s", path, num_rows, counts)
-        return LatentCache(
-            dataset=None, info=info, empty_caption=empty, num_rows=num_rows, bucket_counts=counts
-        )
-    dataset = read_parquet_files(sorted(shards), filesystem=fs, columns=columns)
+    counts = count_buckets(fs, shards) if info.buckets else {}
     log.info(
-        "latent cache %s: %d rows, latents %s, text %s",
+        "latent cache %s: %d rows (%.1f MB), %s, text %s",
         path,
         num_rows,
-        info.latent_shape,
+        num_bytes / 2**20,
+        f"buckets {counts}" if counts else f"latents {info.latent_shape}",
         info.text_embeds_shape,
     )
-    return LatentCache(dataset=dataset, info=info, empty_caption=empty, num_rows=num_rows)
+    return LatentCache(
+        info=info,
+        empty_caption=empty,
+        num_rows=num_rows,
+        num_bytes=num_bytes,
+        fs=fs,
+        shards=tuple(sorted(shards)),
+        bucket_counts=counts,
+    )
 
 
 def read_parquet_files(

@@ -32,7 +32,7 @@ import torch
 from sdray.data import buckets, cache
 from sdray.errors import InputError
 from sdray.train.config import TrainConfig
-from sdray.train.state import TrainingState
+from sdray.train.state import StreamPosition, TrainingState
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,12 @@ Plan = list[tuple[str, np.ndarray]]
 """(bucket label, row indices within the bucket) per micro-batch."""
 
 
-def epoch_plan(counts: dict[str, int], batch_size: int, world: int, *, seed: int, epoch: int) -> Plan:
-    """Every rank's micro-batches of one epoch, in order (see the module docstring); identical on all ranks."""
-    rng = np.random.default_rng([seed, epoch, 0xB0C])
+def epoch_plan(
+    counts: dict[str, int], batch_size: int, world: int, *, seed: int, epoch: int, stream: int = 0
+) -> Plan:
+    """Every rank's micro-batches of one epoch, in order (see the module docstring); identical on all ranks.
+    ``stream`` > 0 draws another order from the same seed (DreamBooth's class rows)."""
+    rng = np.random.default_rng([seed, epoch, 0xB0C, *([stream] if stream else [])])
     batches: Plan = []
     for name in sorted(counts):
         n = counts[name]
@@ -88,7 +91,8 @@ def plan_summary(counts: dict[str, int], batch_size: int, world: int) -> dict:
 
 @dataclass
 class BucketStore:
-    """Every row of a bucketed cache, grouped by bucket: label -> column -> (N, ...) float16 array."""
+    """Every row of a cache, grouped by bucket: label -> column -> (N, ...) float16 array. A square cache is
+    one bucket (its resolution): `train.loader: memory` draws its batches the same way."""
 
     rows: dict[str, dict[str, np.ndarray]]
 
@@ -103,7 +107,8 @@ class BucketStore:
         for shard in shards:
             with fs.open_input_file(shard) as f:
                 table = pq.read_table(f)
-            for name, columns in _shard_buckets(table, info, shard).items():
+            split = _shard_buckets(table, info, shard) if info.buckets else _square_shard(table, info)
+            for name, columns in split.items():
                 parts.setdefault(name, []).append(columns)
         rows = {
             name: {col: np.concatenate([p[col] for p in chunks]) for col in chunks[0]}
@@ -114,6 +119,15 @@ class BucketStore:
     def batch(self, name: str, index: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         """Rows ``index`` of bucket ``name``: ``latent`` (B, C, h, w), ``text_embeds`` (B, 77, D), float16."""
         return {col: torch.from_numpy(values[index]).to(device) for col, values in self.rows[name].items()}
+
+
+def _square_shard(table, info: cache.CacheInfo) -> dict[str, dict[str, np.ndarray]]:
+    """One shard of a square cache (fixed-size tensor columns) as the single bucket of its resolution."""
+    columns = {
+        col: table.column(col).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, *shape)
+        for col, shape in cache.tensor_columns(info).items()
+    }
+    return {buckets.label((info.resolution, info.resolution)): columns}
 
 
 def _shard_buckets(table, info: cache.CacheInfo, shard: str) -> dict[str, dict[str, np.ndarray]]:
@@ -143,14 +157,20 @@ def _shard_buckets(table, info: cache.CacheInfo, shard: str) -> dict[str, dict[s
 
 
 def bucket_micro_batches(
-    store: BucketStore, cfg: TrainConfig, state: TrainingState, rank: int, world: int, device: torch.device
+    store: BucketStore,
+    cfg: TrainConfig,
+    state: TrainingState | StreamPosition,
+    rank: int,
+    world: int,
+    device: torch.device,
+    *,
+    stream: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless same-shape micro-batches of this rank, epoch after epoch; keeps the position in ``state``."""
     counts, skip = store.counts, state.batches_in_epoch
     while True:
-        plan = rank_plan(
-            epoch_plan(counts, cfg.batch_size, world, seed=cfg.seed, epoch=state.epoch), rank, world
-        )
+        plan = epoch_plan(counts, cfg.batch_size, world, seed=cfg.seed, epoch=state.epoch, stream=stream)
+        plan = rank_plan(plan, rank, world)
         for position in range(skip, len(plan)):
             name, index = plan[position]
             state.batches_in_epoch = position + 1

@@ -12,6 +12,7 @@ PredictionType = Literal["", "epsilon", "v_prediction"]
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 LoraInit = Literal["gaussian", "default"]
+Loader = Literal["auto", "memory", "stream"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -144,11 +145,20 @@ class TrainConfig:
     """Largest EMA decay; with warmup the decay grows from 0 toward this."""
     ema_warmup: bool = True
     """EMA warmup (decay = 1 - (1 + step) ** -2/3), so short runs still get a useful average."""
+    loader: Loader = "auto"
+    """How workers read a square cache. `memory`: each worker reads the whole cache (float16) into its memory
+    once and draws batches from a seeded global shuffle per epoch (no Ray Data, no per-epoch re-read, exact
+    resume). `stream`: Ray Data streams each worker's share of the files at every epoch (caches larger than
+    memory; `materialize` and `shuffle_buffer` apply). `auto`: `memory` when the cache files (with the class
+    cache) total at most `memory_loader_max_mb`, else `stream`. A bucketed cache is always read into memory."""
+    memory_loader_max_mb: int = 1024
+    """`loader: auto` reads caches up to this size (MB of parquet files) into each worker's memory."""
     materialize: bool = False
-    """Read the cache into Ray's object store once, so later epochs start at once instead of re-reading the
-    files (~10 s an epoch for the demo's 136 MB cache); only for caches that fit in memory."""
+    """`loader: stream` only: read the cache into Ray's object store once, so later epochs start at once instead
+    of re-reading the files (~10 s an epoch for the demo's 136 MB cache); only for caches that fit in memory."""
     shuffle_buffer: int = 256
-    """Rows in each worker's local shuffle buffer (seeded per epoch); 0 keeps the file order."""
+    """`loader: stream` only: rows in each worker's local shuffle buffer (seeded per epoch); 0 keeps the file
+    order."""
     log_every: int = 10
     """Report metrics to Ray Train and append the steps since the last report to the metrics file every this
     many steps (and at every checkpoint); the file keeps every step's row. Each report costs a round trip to
@@ -198,8 +208,13 @@ class TrainConfig:
         for name in ("seed", "max_grad_norm", "warmup_steps", "max_failures", "prior_loss_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.validate_every < -1 or self.shuffle_buffer < 0 or self.resolution < 0:
-            raise ConfigError("validate_every must be >= -1; shuffle_buffer and resolution >= 0")
+        if (
+            self.validate_every < -1
+            or min(self.shuffle_buffer, self.resolution, self.memory_loader_max_mb) < 0
+        ):
+            raise ConfigError(
+                "validate_every must be >= -1; shuffle_buffer, resolution, memory_loader_max_mb >= 0"
+            )
         if self.validate_every >= 0 and not (self.validation_prompts and self.validation_seeds):
             raise ConfigError(
                 "validation needs validation_prompts and validation_seeds (or validate_every: -1)"

@@ -1,12 +1,14 @@
 """The per-worker training function that Ray Train runs on every worker (numbered sections, top to bottom).
 
-Data order and resume: each worker streams its shard of the cache with `iter_torch_batches`, shuffled within
-a local buffer seeded by (seed, epoch, rank). A checkpoint records the epoch and how many micro-batches of
-it were consumed; on resume the worker re-reads that epoch and skips those batches. With one worker the
-cache is read in file order, so a resumed run sees exactly the batches an uninterrupted run would (and,
-with the RNG states restored, reports identical losses). With several workers Ray splits blocks between
-workers dynamically, so after a resume a worker's skipped batches may differ from the ones it trained on:
-within the interrupted epoch some rows can be seen twice and others not at all; later epochs are whole.
+Data order and resume: with `train.loader: memory` (the default for caches up to `memory_loader_max_mb`,
+and every bucketed cache) each worker holds the cache in memory and takes its batches from an epoch plan
+that is a pure function of (seed, epoch, rows, batch size, workers) (sdray/train/bucket_batcher.py); a
+checkpoint records the epoch and the micro-batches consumed, so a resumed run continues with exactly the
+batches it would have had. With `loader: stream` each worker streams its shard of the cache with
+`iter_torch_batches`, shuffled within a local buffer seeded by (seed, epoch, rank); on resume the worker
+re-reads the epoch and skips the batches consumed. With one worker the cache is read in file order, so the
+resume is exact too; with several, Ray splits blocks between workers dynamically, so within the interrupted
+epoch some rows can be seen twice and others not at all; later epochs are whole.
 """
 
 from __future__ import annotations
@@ -109,23 +111,33 @@ def make_objective(spec: RunSpec, empty_caption: torch.Tensor, loss_cfg: LossCon
 def data_stream(
     spec: RunSpec, state: TrainingState, rank: int, world: int, device: torch.device
 ) -> Iterator[Any]:
-    """This worker's micro-batches; with `class_data`, (instance, class) pairs from the two shards.
+    """This worker's micro-batches; with `class_data`, (instance, class) pairs from the two caches.
 
-    A bucketed cache goes through the bucket batcher (one shape per batch, equal batch counts per rank).
+    `train.loader: memory` (always for a bucketed cache) reads the cache files into memory and draws
+    batches from the seeded epoch plan (sdray/train/bucket_batcher.py); `stream` iterates Ray Data's shard.
     Both DreamBooth streams are endless and every rank takes one item per micro-batch, so all ranks run
     the same number of steps whatever the sizes of the two caches.
     """
-    import ray.train
-
     cfg = spec.train
-    if spec.info.buckets:  # run_training refuses class_data with a bucketed cache
-        fs, shards = cache_shards(cfg.data)
-        return bucket_micro_batches(BucketStore.load(fs, shards, spec.info), cfg, state, rank, world, device)
-    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, state, rank)
-    if not cfg.class_data:
-        return batches
-    class_batches = micro_batches(ray.train.get_dataset_shard(CLASS_DATASET), cfg, state.class_stream, rank)
-    return zip(batches, class_batches, strict=True)
+    if spec.info.buckets or cfg.loader == "memory":  # run_training refuses class_data with a bucketed cache
+
+        def batches_of(path: str, position: TrainingState | StreamPosition, stream: int) -> Iterator[Any]:
+            fs, shards = cache_shards(path)
+            store = BucketStore.load(fs, shards, spec.info)
+            return bucket_micro_batches(store, cfg, position, rank, world, device, stream=stream)
+
+        batches = batches_of(cfg.data, state, 0)
+        class_batches = batches_of(cfg.class_data, state.class_stream, 1) if cfg.class_data else None
+    else:
+        import ray.train
+
+        batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, state, rank)
+        class_batches = (
+            micro_batches(ray.train.get_dataset_shard(CLASS_DATASET), cfg, state.class_stream, rank)
+            if cfg.class_data
+            else None
+        )
+    return batches if class_batches is None else zip(batches, class_batches, strict=True)
 
 
 @dataclass

@@ -215,7 +215,7 @@ def _trainer(spec: RunSpec, datasets: dict[str, Any], tracked: tracking_run.Trac
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
-        datasets=datasets,  # empty for a bucketed cache: the workers read it themselves
+        datasets=datasets,  # empty with the memory loader: the workers read the cache themselves
         dataset_config=DataConfig(execution_options=ingest),
     )
 
@@ -247,8 +247,22 @@ def write_plan_summary(output: str, counts: dict[str, int], cfg: TrainConfig) ->
         )  # fmt: skip
 
 
-def _open_data(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[Any, dict[str, Any]]:
-    """(the opened cache, Ray Train datasets): the cache, and DreamBooth's class cache with `class_data`."""
+def choose_loader(cfg: TrainConfig, caches: list[Any]) -> str:
+    """`train.loader` resolved against the opened caches: "memory" or "stream" (see TrainConfig.loader)."""
+    bucketed = any(c.info.buckets for c in caches)
+    if bucketed and cfg.loader == "stream":
+        raise ConfigError(
+            f"train.loader stream cannot read a bucketed cache ({cfg.data}); use auto or memory"
+        )
+    if bucketed or cfg.loader != "auto":
+        return "memory" if bucketed else cfg.loader
+    size = sum(c.num_bytes for c in caches)
+    return "memory" if size <= cfg.memory_loader_max_mb * 2**20 else "stream"
+
+
+def _open_data(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[TrainConfig, Any, dict[str, Any]]:
+    """(cfg with the loader resolved, the opened cache, Ray Train datasets): the cache, and DreamBooth's class
+    cache with `class_data`. With the memory loader there are no datasets: the workers read the files."""
     expected = expected_cache(cfg, model_cfg)
     cache = open_cache(cfg.data, expected)
     needed = cfg.batch_size * cfg.num_workers
@@ -256,12 +270,19 @@ def _open_data(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[Any, dict[str,
         raise InputError(
             f"{cfg.data}: {cache.num_rows} rows, but one step needs batch_size x num_workers = {needed}"
         )
-    datasets = {} if cache.dataset is None else {"train": cache.dataset}  # bucketed: workers read the cache
+    caches = {"train": cache}
     if cfg.class_data:
         if cache.info.buckets:
             raise ConfigError(f"train.class_data (DreamBooth) needs a square cache; {cfg.data} is bucketed")
-        datasets[CLASS_DATASET] = open_class_cache(cfg, expected, cache.info).dataset
-    return cache, datasets
+        caches[CLASS_DATASET] = open_class_cache(cfg, expected, cache.info)
+    loader = choose_loader(cfg, list(caches.values()))
+    megabytes = sum(c.num_bytes for c in caches.values()) / 2**20
+    log.info(
+        "data loader: %s (%.1f MB of cache files; train.loader %s, memory_loader_max_mb %d)",
+        loader, megabytes, cfg.loader, cfg.memory_loader_max_mb,
+    )  # fmt: skip
+    datasets = {name: c.stream() for name, c in caches.items()} if loader == "stream" else {}
+    return dataclasses.replace(cfg, loader=loader), cache, datasets
 
 
 def run_training(
@@ -290,7 +311,7 @@ def run_training(
         return done
 
     # 2. Open the cache(s) and refuse one made for another model or too small for one step.
-    cache, datasets = _open_data(cfg, model_cfg)
+    cfg, cache, datasets = _open_data(cfg, model_cfg)
     # 3. Resolve the objective once against the model's schedule (a misfit fails here, not in a worker).
     cfg = dataclasses.replace(cfg, loss=cfg.loss.resolve(architecture(model_cfg, "scheduler")))
     spec = RunSpec(train=cfg, model=model_cfg, info=cache.info)
