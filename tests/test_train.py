@@ -242,22 +242,19 @@ def test_restart_resumes_with_two_workers(killed_run):
 
 
 def test_auto_loader_reads_small_caches_into_memory_and_streams_large_ones():
-    from types import SimpleNamespace
-
     from sdray.train.run import choose_loader
 
-    def cache(megabytes: float, bucketed: bool = False) -> SimpleNamespace:
-        info = SimpleNamespace(buckets=((64, 64),) if bucketed else ())
-        return SimpleNamespace(info=info, num_bytes=int(megabytes * 2**20))
+    def loader(cfg: TrainConfig, megabytes: float, bucketed: bool = False) -> str:
+        return choose_loader(cfg, bucketed=bucketed, num_bytes=int(megabytes * 2**20))
 
     cfg = TrainConfig(data="c", memory_loader_max_mb=100)
-    assert choose_loader(cfg, [cache(60), cache(40)]) == "memory"  # instance + class cache, 100 MB
-    assert choose_loader(cfg, [cache(60), cache(40.5)]) == "stream"
-    assert choose_loader(dataclasses.replace(cfg, loader="memory"), [cache(5000)]) == "memory"
-    assert choose_loader(dataclasses.replace(cfg, loader="stream"), [cache(1)]) == "stream"
-    assert choose_loader(cfg, [cache(5000, bucketed=True)]) == "memory"  # buckets: always in memory
+    assert loader(cfg, 60 + 40) == "memory"  # instance + class cache, 100 MB
+    assert loader(cfg, 60 + 40.5) == "stream"
+    assert loader(dataclasses.replace(cfg, loader="memory"), 5000) == "memory"
+    assert loader(dataclasses.replace(cfg, loader="stream"), 1) == "stream"
+    assert loader(cfg, 5000, bucketed=True) == "memory"  # buckets: always in memory
     with pytest.raises(ConfigError, match="train.loader stream cannot read a bucketed cache"):
-        choose_loader(dataclasses.replace(cfg, loader="stream"), [cache(1, bucketed=True)])
+        loader(dataclasses.replace(cfg, loader="stream"), 1, bucketed=True)
 
 
 def test_rerun_with_fewer_steps_trains_nothing_and_keeps_the_saved_config(baseline, train_cache, capsys):

@@ -170,7 +170,7 @@ def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
         num_rows=num_rows,
         num_bytes=num_bytes,
         fs=fs,
-        shards=tuple(sorted(shards)),
+        shards=tuple(shards),
         bucket_counts=counts,
     )
 

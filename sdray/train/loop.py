@@ -119,7 +119,7 @@ def data_stream(
     the same number of steps whatever the sizes of the two caches.
     """
     cfg = spec.train
-    if spec.info.buckets or cfg.loader == "memory":  # run_training refuses class_data with a bucketed cache
+    if cfg.loader == "memory":  # resolved by run_training: always memory for a bucketed cache
 
         def batches_of(path: str, position: TrainingState | StreamPosition, stream: int) -> Iterator[Any]:
             fs, shards = cache_shards(path)

@@ -135,7 +135,7 @@ def open_class_cache(cfg: TrainConfig, expected: ExpectedCache, info: Any) -> An
             f"prior preservation needs class images; {where} has {cache.num_rows} rows, one step needs "
             f"batch_size x num_workers = {cfg.batch_size * cfg.num_workers}"
         )
-    fields = ("latent_shape", "text_embeds_shape", "has_std", "vae_scaling_factor", "resolution")
+    fields = ("latent_shape", "text_embeds_shape", "has_std", "vae_scaling_factor", "resolution", "buckets")
     diffs = [
         f"{k} {getattr(cache.info, k)} vs {getattr(info, k)}"
         for k in fields
@@ -247,17 +247,17 @@ def write_plan_summary(output: str, counts: dict[str, int], cfg: TrainConfig) ->
         )  # fmt: skip
 
 
-def choose_loader(cfg: TrainConfig, caches: list[Any]) -> str:
-    """`train.loader` resolved against the opened caches: "memory" or "stream" (see TrainConfig.loader)."""
-    bucketed = any(c.info.buckets for c in caches)
-    if bucketed and cfg.loader == "stream":
-        raise ConfigError(
-            f"train.loader stream cannot read a bucketed cache ({cfg.data}); use auto or memory"
-        )
-    if bucketed or cfg.loader != "auto":
-        return "memory" if bucketed else cfg.loader
-    size = sum(c.num_bytes for c in caches)
-    return "memory" if size <= cfg.memory_loader_max_mb * 2**20 else "stream"
+def choose_loader(cfg: TrainConfig, *, bucketed: bool, num_bytes: int) -> str:
+    """`train.loader` resolved for caches of ``num_bytes`` in all: "memory" or "stream" (see TrainConfig.loader)."""
+    if bucketed:
+        if cfg.loader == "stream":
+            raise ConfigError(
+                f"train.loader stream cannot read a bucketed cache ({cfg.data}); use auto or memory"
+            )
+        return "memory"
+    if cfg.loader != "auto":
+        return cfg.loader
+    return "memory" if num_bytes <= cfg.memory_loader_max_mb * 2**20 else "stream"
 
 
 def _open_data(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[TrainConfig, Any, dict[str, Any]]:
@@ -275,11 +275,11 @@ def _open_data(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[TrainConfig, A
         if cache.info.buckets:
             raise ConfigError(f"train.class_data (DreamBooth) needs a square cache; {cfg.data} is bucketed")
         caches[CLASS_DATASET] = open_class_cache(cfg, expected, cache.info)
-    loader = choose_loader(cfg, list(caches.values()))
-    megabytes = sum(c.num_bytes for c in caches.values()) / 2**20
+    num_bytes = sum(c.num_bytes for c in caches.values())
+    loader = choose_loader(cfg, bucketed=bool(cache.info.buckets), num_bytes=num_bytes)
     log.info(
         "data loader: %s (%.1f MB of cache files; train.loader %s, memory_loader_max_mb %d)",
-        loader, megabytes, cfg.loader, cfg.memory_loader_max_mb,
+        loader, num_bytes / 2**20, cfg.loader, cfg.memory_loader_max_mb,
     )  # fmt: skip
     datasets = {name: c.stream() for name, c in caches.items()} if loader == "stream" else {}
     return dataclasses.replace(cfg, loader=loader), cache, datasets
