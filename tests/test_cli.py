@@ -120,15 +120,38 @@ def test_a_failing_command_shows_one_error_line_and_keeps_ray_in_a_log(
     assert "Ray cluster" in log.read_text()  # Ray's own "Connecting to existing Ray cluster" line
 
 
-def test_a_typo_in_the_cache_path_fails_before_ray_starts(tmp_path):
+# Runs a command in a fresh interpreter and prints which of the heavy libraries it imported before exiting.
+_REPORT_IMPORTS = (
+    "import sys; from pipelines.cli import main; code = main(sys.argv[1:]); "
+    "print('imported:', sorted(m for m in ('diffusers', 'transformers') if m in sys.modules)); sys.exit(code)"
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--data", "{tmp}/nope", "--out", "{tmp}/run"],
+        ["preprocess", "--input", "{tmp}/nope", "--output", "{tmp}/cache"],
+    ],
+    ids=["train", "preprocess"],
+)
+def test_a_typo_in_a_path_fails_before_ray_starts_or_the_models_load(tmp_path, args):
     env = {**os.environ, "SDRAY_LOG_DIR": str(tmp_path / "logs")}
     env.pop("RAY_ADDRESS", None)
-    args = ["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]
+    argv = [a.format(tmp=tmp_path) for a in args]
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-c", _REPORT_IMPORTS, *argv], capture_output=True, text=True, timeout=300, env=env
     )
-    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {_missing(args[0], tmp_path)}"
+    assert result.stdout.strip().splitlines()[-1] == "imported: []"  # seconds of imports saved on a typo
     assert not list((tmp_path / "logs").iterdir())  # Ray said nothing: it never started
+
+
+def _missing(command: str, tmp_path) -> str:
+    if command == "train":
+        return f"latent cache {tmp_path}/nope does not exist; write one with `sdray preprocess`"
+    return f"input '{tmp_path}/nope' does not exist"
 
 
 def test_train_refuses_an_output_inside_its_cache(tmp_path, capsys):

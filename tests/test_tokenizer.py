@@ -24,3 +24,18 @@ def test_padding_and_truncation_to_77(text):
 
 def test_lowercases_and_splits_punctuation():
     assert clip_tokenizer()("Hello, World!").input_ids == [49406, 3306, 267, 1002, 256, 49407]
+
+
+def test_a_model_directory_s_tokenizer_loads_without_the_model_libraries(tiny_model_dir):
+    """Serve's ingress and preprocessing's decode tasks only tokenize: no diffusers, no torch (seconds each)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from sdray.models.config import ModelConfig; from sdray.models.tokenizer import load_tokenizer;"
+        f" tok = load_tokenizer(ModelConfig(path={str(tiny_model_dir)!r}));"
+        " print(tok('a photo of a cat').input_ids, sorted(m for m in ('diffusers', 'torch') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[49406, 320, 1125, 539, 320, 2368, 49407] []"

@@ -20,9 +20,9 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdray.errors import ConfigError, InputError
-from sdray.models.config import COMPONENT_NAMES, ModelConfig, check_model_path
+from sdray.models.config import COMPONENT_NAMES, ModelConfig, check_model_path, load_part_dir
 from sdray.models.presets import PRESETS
-from sdray.models.tokenizer import clip_tokenizer
+from sdray.models.tokenizer import load_tokenizer
 from sdray.storage import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,9 @@ def load_components(cfg: ModelConfig, parts: Iterable[str] = COMPONENT_NAMES) ->
         raise ConfigError(f"unknown model component(s) {sorted(unknown)}; known: {COMPONENT_NAMES}")
     check_model_path(cfg, parts)
     loader = _load_part if cfg.path else _build_part
-    components = SDComponents(**{name: loader(cfg, name) for name in parts})
+    components = SDComponents(
+        **{name: load_tokenizer(cfg) if name == "tokenizer" else loader(cfg, name) for name in parts}
+    )
     for module in (components.text_encoder, components.vae, components.unet):
         if module is not None:
             module.eval()
@@ -106,11 +108,9 @@ def _seeded(seed: int, name: str, build: Callable[[], Any]) -> Any:
 
 def _build_part(cfg: ModelConfig, name: str) -> Any:
     preset = PRESETS[cfg.preset]
-    overrides: dict[str, Any] = getattr(cfg, name, {}) if name != "tokenizer" else {}
+    overrides: dict[str, Any] = getattr(cfg, name, {})
     kwargs = {**preset.get(name, {}), **overrides}
     try:
-        if name == "tokenizer":
-            return clip_tokenizer()
         if name == "scheduler":
             return DDPMScheduler.from_config(kwargs)
         if name == "text_encoder":
@@ -123,7 +123,6 @@ def _build_part(cfg: ModelConfig, name: str) -> Any:
 
 
 _LOADERS: dict[str, Callable[[str], Any]] = {
-    "tokenizer": lambda p: CLIPTokenizer.from_pretrained(p, subfolder="tokenizer"),
     "text_encoder": lambda p: CLIPTextModel.from_pretrained(
         p, subfolder="text_encoder", use_safetensors=True
     ),
@@ -134,13 +133,4 @@ _LOADERS: dict[str, Callable[[str], Any]] = {
 
 
 def _load_part(cfg: ModelConfig, name: str) -> Any:
-    from sdray.storage import local_copy
-
-    path = Path(local_copy(cfg.path))  # a model on s3:// (or gs://) is downloaded once, then loaded locally
-    if not (path / name).is_dir():
-        raise InputError(f"model.path {cfg.path}: no {name}/ folder (expected a diffusers-format directory)")
-    log.info("loading %s from %s", name, path / name)
-    try:
-        return _LOADERS[name](str(path))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"model.path {cfg.path}: cannot load {name}/: {exc}") from exc
+    return load_part_dir(cfg, name, _LOADERS[name])

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 from sdray.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Preset = Literal["tiny", "sd15"]
 COMPONENT_NAMES = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
@@ -90,3 +95,18 @@ def check_model_path(cfg: ModelConfig, parts: Iterable[str] = COMPONENT_NAMES) -
             f"model.path {cfg.path}: not a diffusers model directory (no {', '.join(missing)}); "
             "give the model/ folder of a training run or an export"
         )
+
+
+def load_part_dir(cfg: ModelConfig, name: str, load: Callable[[str], T]) -> T:
+    """``load(directory)`` for part ``name`` of ``cfg.path``, from its local copy (a model on s3:// or gs:// is
+    downloaded once); a missing or unreadable folder is an InputError naming the path."""
+    from sdray.storage import local_copy
+
+    path = Path(local_copy(cfg.path))
+    if not (path / name).is_dir():
+        raise InputError(f"model.path {cfg.path}: no {name}/ folder (expected a diffusers-format directory)")
+    log.info("loading %s from %s", name, path / name)
+    try:
+        return load(str(path))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"model.path {cfg.path}: cannot load {name}/: {exc}") from exc

@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 
 from sdray.errors import InputError
+from sdray.models.config import ModelConfig, load_part_dir
 from sdray.models.presets import CLIP_MAX_LENGTH
 
 _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -63,3 +64,16 @@ def clip_tokenizer() -> CLIPTokenizer:
     vocab, merges = _vocab_and_merges(_bpe_path())
     pairs = [tuple(m.split()) for m in merges]
     return CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=CLIP_MAX_LENGTH)
+
+
+def load_tokenizer(cfg: ModelConfig) -> CLIPTokenizer:
+    """The model's tokenizer: the presets' CLIP tokenizer, or ``cfg.path``'s tokenizer/ folder.
+
+    Imports neither diffusers nor the model classes (seconds of start-up per process), so processes that only
+    tokenize (Serve's ingress, preprocessing's decode tasks) stay light.
+    """
+    if not cfg.path:
+        return clip_tokenizer()
+    return load_part_dir(
+        cfg, "tokenizer", lambda path: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    )

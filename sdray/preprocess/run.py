@@ -16,33 +16,34 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from sdray.cluster import ensure_ray
 from sdray.config import dump_yaml
 from sdray.data.buckets import bucket_ladder, size_multiple
 from sdray.data.cache import CONFIG_FILE, INFO_FILE, SUMMARY_FILE, CacheInfo, UnitRecord
 from sdray.errors import ConfigError, InputError
-from sdray.models.components import SDComponents, load_components
 from sdray.models.config import ModelConfig
-from sdray.models.fingerprint import encoder_fingerprint
 from sdray.pipeline_config import PipelineConfig
 from sdray.preprocess.bucketing import unet_down_blocks
 from sdray.preprocess.config import PreprocessConfig
-from sdray.preprocess.dataset import build_dataset
 from sdray.preprocess.inputs import InputFile, read_ids, resolve_inputs, row_counts
 from sdray.preprocess.manifest import OutputDir, totals
 from sdray.progress import Progress
+
+if TYPE_CHECKING:  # the encoders' modules import diffusers (seconds): a bad input fails before they load
+    from sdray.models.components import SDComponents
 
 log = logging.getLogger(__name__)
 
 
 def cache_info(components: SDComponents, cfg: PipelineConfig) -> CacheInfo:
     """The metadata of the cache these encoders write at the configured resolution."""
+    from sdray.models.fingerprint import encoder_fingerprint
+
     pre, down = cfg.preprocess, components.vae_downsample
     if pre.resolution % down:
         raise ConfigError(f"preprocess.resolution {pre.resolution} is not a multiple of the VAE's {down}x")
@@ -79,12 +80,14 @@ def model_ladder(
     return bucket_ladder(pre.resolution, pre.bucket_step, pre.bucket_max_aspect)
 
 
-@torch.inference_mode()
 def empty_caption_embeds(components: SDComponents) -> np.ndarray:
     """(77, D) float32: the text encoder's last hidden state for the empty caption."""
+    import torch
+
     tok = components.tokenizer
     ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-    return components.text_encoder(ids).last_hidden_state[0].float().numpy()
+    with torch.inference_mode():
+        return components.text_encoder(ids).last_hidden_state[0].float().numpy()
 
 
 class Ledger:
@@ -177,6 +180,8 @@ def _process(  # noqa: PLR0913 - the run's state, kept explicit
     ledger = Ledger(out, pending, {f.path: rows[f.path] for f in pending})
     if ledger.records:
         paths = list(ledger.records)
+        from sdray.preprocess.dataset import build_dataset
+
         ds = build_dataset(cfg, fs=fs, paths=paths, out=out, info=info)
         total = sum(record.rows for record in ledger.records.values())
         progress = Progress(total, label="preprocess", unit="images")
@@ -200,6 +205,8 @@ def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     # written to the output or Ray starts.
     rows = row_counts(fs, out.pending(files, out.done()), pre)
     start = time.perf_counter()
+    from sdray.models.components import load_components
+
     components = load_components(cfg.model, parts=("tokenizer", "text_encoder", "vae"))
     info = cache_info(components, cfg)
     existed = out.prepare(info, empty_caption_embeds(components))

@@ -47,18 +47,14 @@ EVENT_SCHEMA = pa.schema(
 
 @lru_cache(maxsize=2)
 def _tokenizer(model_json: str) -> Any:
-    """The model's tokenizer, loaded once per worker process (Ray reuses workers across tasks).
-
-    Not through load_components: that imports diffusers and torch, seconds of start-up per decode worker.
-    """
+    """The model's tokenizer, loaded once per worker process (Ray reuses workers across tasks)."""
     import json
 
-    from transformers import CLIPTokenizer
+    from sdray.config import from_dict
+    from sdray.models.config import ModelConfig
+    from sdray.models.tokenizer import load_tokenizer
 
-    from sdray.models.tokenizer import clip_tokenizer
-
-    path = json.loads(model_json).get("path")
-    return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer") if path else clip_tokenizer()
+    return load_tokenizer(from_dict(ModelConfig, json.loads(model_json), where="model"))
 
 
 def _image_bytes(column: pa.ChunkedArray) -> list[bytes | None]:

@@ -223,13 +223,11 @@ class SDIngress:
     """HTTP front: validates, authenticates and forwards to SDModel; holds only the tokenizer."""
 
     def __init__(self, model: DeploymentHandle, serve_cfg: dict[str, Any], model_cfg: dict[str, Any]) -> None:
-        from sdray.models.components import load_components
+        from sdray.models.tokenizer import load_tokenizer
 
         self.cfg = from_dict(ServeConfig, serve_cfg, where="serve")
         self.model = model
-        self.tokenizer = load_components(
-            from_dict(ModelConfig, model_cfg, where="model"), ["tokenizer"]
-        ).tokenizer
+        self.tokenizer = load_tokenizer(from_dict(ModelConfig, model_cfg, where="model"))
         self.api_key = os.environ.get(self.cfg.api_key_env) or None
         self.adapters = AdapterCatalog(self.cfg.adapters)
         self._info: ModelInfo | None = None

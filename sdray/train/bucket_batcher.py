@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.compute as pc
@@ -32,7 +33,9 @@ import torch
 from sdray.data import buckets, cache
 from sdray.errors import InputError
 from sdray.train.config import TrainConfig
-from sdray.train.state import StreamPosition, TrainingState
+
+if TYPE_CHECKING:  # not at run time: the training driver stays free of diffusers (seconds per process)
+    from sdray.train.state import StreamPosition, TrainingState
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -28,13 +28,19 @@ from sdray.errors import ConfigError, InputError, SdrayError
 from sdray.models.config import ModelConfig
 from sdray.train.config import TrainConfig
 from sdray.train.seeds import Stream, stream_seed
-from sdray.train.state import TrainingState
+
+if TYPE_CHECKING:  # not at run time: the training driver stays free of diffusers (seconds per process)
+    from sdray.train.state import TrainingState
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
 RUN_FILE = "run.yaml"
 INFO_FILE = "cache_info.json"
+DIVERGED_FILE = "diverged.json"
+"""In the run directory: the workers' record of a NaN/inf loss (step, last good checkpoint)."""
+CLASS_DATASET = "class"
+"""The Ray Train dataset name of DreamBooth's class-image cache."""
 
 
 def rng_file(rank: int) -> str:

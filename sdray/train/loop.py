@@ -33,7 +33,7 @@ from sdray.models.components import load_components
 from sdray.tracking.steps import WorkerTracking
 from sdray.train import checkpoint, metrics
 from sdray.train.bucket_batcher import BucketStore, bucket_micro_batches
-from sdray.train.checkpoint import RunSpec
+from sdray.train.checkpoint import CLASS_DATASET, DIVERGED_FILE, RunSpec
 from sdray.train.config import LossConfig, TrainConfig
 from sdray.train.loss import (
     CachedBatch,
@@ -47,9 +47,6 @@ from sdray.train.seeds import Stream, stream_seed
 from sdray.train.state import StreamPosition, TrainingState, build_state
 
 log = logging.getLogger(__name__)
-
-DIVERGED_FILE = "diverged.json"
-CLASS_DATASET = "class"  # the Ray Train dataset name of DreamBooth's class-image cache
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:

@@ -18,15 +18,15 @@ import yaml
 
 from sdray import storage
 from sdray.cluster import export_train_poll_interval
+from sdray.data.cache import read_cache_info
 from sdray.data.reader import ExpectedCache, open_cache
 from sdray.errors import ConfigError, InputError, SdrayError
 from sdray.models.config import ModelConfig, architecture
 from sdray.tracking import run as tracking_run
 from sdray.tracking.config import TrackingConfig
 from sdray.train.bucket_batcher import SUMMARY_FILE, plan_summary
-from sdray.train.checkpoint import RunSpec
+from sdray.train.checkpoint import CLASS_DATASET, DIVERGED_FILE, RunSpec
 from sdray.train.config import TrainConfig
-from sdray.train.loop import CLASS_DATASET, DIVERGED_FILE, train_worker
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,8 @@ def _trainer(spec: RunSpec, datasets: dict[str, Any], tracked: tracking_run.Trac
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from sdray.train.loop import train_worker  # here, not at the top: it imports diffusers (~8 s a process)
+
     cfg = spec.train
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = (
@@ -263,6 +265,10 @@ def choose_loader(cfg: TrainConfig, *, bucketed: bool, num_bytes: int) -> str:
 def _open_data(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[TrainConfig, Any, dict[str, Any]]:
     """(cfg with the loader resolved, the opened cache, Ray Train datasets): the cache, and DreamBooth's class
     cache with `class_data`. With the memory loader there are no datasets: the workers read the files."""
+    for uri in filter(
+        None, (cfg.data, cfg.class_data)
+    ):  # a wrong path fails before the encoders load (~10 s)
+        read_cache_info(uri)
     expected = expected_cache(cfg, model_cfg)
     cache = open_cache(cfg.data, expected)
     needed = cfg.batch_size * cfg.num_workers
