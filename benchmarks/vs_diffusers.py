@@ -24,7 +24,8 @@ extra wall seconds of the longest run against the shortest; and from each step l
 and 20 epochs (ours counts the preprocessing once; epoch counts not run are extrapolated from the fixed
 cost and the marginal rate, and marked), peak RSS per training process and of the whole process tree
 (psutil, every 0.5 s), and the loss over the last epoch. Results: benchmarks/results/
-vs_diffusers[_lora].{json,md} (--quick: in --work), with the machine, load average, versions, command line.
+vs_diffusers_MODEL[_lora].{json,md}, one pair per model (--quick: in --work), each with the machine, the load
+average at its start and end, versions and the command line.
 """
 
 from __future__ import annotations
@@ -542,8 +543,8 @@ def main() -> None:
     if args.setup_only:
         return print(f"{VENV}: {their_versions}")
     warm_up()
-    result = header(args, their_versions)
     for name, spec in ({"tiny": QUICK} if args.quick else {m: MODELS[m] for m in args.models}).items():
+        result = header(args, their_versions)  # per model: the load average at its own start
         paths = prepare(spec, args.work / name)
         prep = preprocess(paths, spec, args)
         print(f"{name}: sdray preprocess {prep['wall_s']} s", flush=True)
@@ -552,10 +553,12 @@ def main() -> None:
         result["models"][name] = {"spec": asdict(spec), "preprocess": prep, "processes": per_count}
         if not args.keep:
             shutil.rmtree(paths["model"])  # sd15's is 4 GB
-    result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    folder, stem = (RESULTS, "vs_diffusers" + "_lora" * args.lora)
-    if args.quick:
-        folder, stem = args.work, "vs_diffusers_quick"
+        result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+        stem = "vs_diffusers_quick" if args.quick else f"vs_diffusers_{name}" + "_lora" * args.lora
+        write_results(result, args.work if args.quick else RESULTS, stem)
+
+
+def write_results(result: dict, folder: Path, stem: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (folder / f"{stem}.md").write_text(markdown(result))
