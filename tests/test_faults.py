@@ -52,8 +52,9 @@ def _terminate_when(proc: subprocess.Popen, ready, timeout: float = 300) -> tupl
 
 
 @pytest.fixture(scope="module")
-def interrupted_cache(tmp_path_factory):
-    """A preprocessing run stopped by SIGTERM while it runs, then rerun."""
+def interrupted_cache(ray_session, tmp_path_factory):
+    """A preprocessing run stopped by SIGTERM while it runs (on a Ray of its own, as `sdray` runs by default),
+    then rerun on the session's Ray (which Ray the rerun joins does not matter to what it resumes)."""
     from sdray.data.synth import SynthConfig, write_synth
 
     root = tmp_path_factory.mktemp("sigterm")
@@ -81,8 +82,9 @@ def interrupted_cache(tmp_path_factory):
         state["reader"] = "accepted"
     except InputError as exc:
         state["reader"] = str(exc)
+    session = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     rerun = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, capture_output=True,
-                           text=True, timeout=600)  # fmt: skip
+                           text=True, timeout=600, env=session)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     return cache, state
 
