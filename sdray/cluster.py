@@ -18,16 +18,23 @@ SERVE_FAST_PATH_ENV = {
 }
 
 
-# Ray Train's controller polls its workers every 2 s by default, and a run's start-up phases and its end wait for
-# the next poll: ~4.7 s of a 2-step run on a running Ray (benchmarks/results/train_fixed_cost.md). Ray Train
-# hands this variable from the driver to its controller; a value set by the user wins. A poll is one small
-# actor call per worker.
-TRAIN_POLL_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Train settings, handed from the driver to its controller and workers (a value set by the user wins):
+# - the controller polls its workers every 2 s by default, and a run's start-up phases and its end wait for the
+#   next poll: ~4.7 s of a 2-step run on a running Ray (benchmarks/results/train_fixed_cost.md); a poll is one
+#   small actor call per worker.
+# - a preemption watcher actor per worker group relays node-drain notices to
+#   `ray.train.get_preemption_info()`, which sdray does not read (a lost node is a worker failure: FailureConfig
+#   restarts from the last checkpoint); the watcher is one more process per run, ~3 s of CPU to start.
+TRAIN_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
 
 
-def export_train_poll_interval() -> None:
-    """Put TRAIN_POLL_ENV in this process's environment (a value already set wins), before a trainer's fit()."""
-    os.environ.setdefault(*TRAIN_POLL_ENV)
+def export_train_settings() -> None:
+    """Put TRAIN_ENV in this process's environment (values already set win), before a trainer's fit()."""
+    for name, value in TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def export_serve_fast_path() -> None:

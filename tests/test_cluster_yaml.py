@@ -71,18 +71,23 @@ def test_every_node_gets_the_laptops_token_and_starts_ray_with_token_auth():
         assert "RAY_AUTH_MODE=token " in start.split("ray start")[0], (key, start)
 
 
-def test_train_poll_interval_reaches_ray_trains_controller_and_a_users_value_wins(monkeypatch):
-    """sdray sets Ray Train's controller poll interval in the driver; Ray Train must hand it on to its
-    controller (a Ray upgrade that stops doing so would silently bring back the 2 s polls)."""
+def test_sdrays_ray_train_settings_reach_the_controller_and_a_users_value_wins(monkeypatch):
+    """sdray sets Ray Train's poll interval and turns its preemption watcher off in the driver; Ray Train must
+    hand both on to its controller (a Ray upgrade that stops doing so would silently bring back the 2 s polls
+    and the extra process per run)."""
     from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE, get_env_vars_to_propagate
 
-    from sdray.cluster import TRAIN_POLL_ENV, export_train_poll_interval
+    from sdray.cluster import TRAIN_ENV, export_train_settings
 
-    name, value = TRAIN_POLL_ENV
-    assert name in ENV_VARS_TO_PROPAGATE
-    monkeypatch.delenv(name, raising=False)
-    export_train_poll_interval()
-    assert get_env_vars_to_propagate()[name] == value == "0.25"
-    monkeypatch.setenv(name, "5")
-    export_train_poll_interval()
-    assert get_env_vars_to_propagate()[name] == "5"
+    assert TRAIN_ENV == {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    }
+    assert set(TRAIN_ENV) <= ENV_VARS_TO_PROPAGATE
+    for name in TRAIN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    export_train_settings()
+    assert {name: get_env_vars_to_propagate()[name] for name in TRAIN_ENV} == TRAIN_ENV
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "5")
+    export_train_settings()
+    assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "5"

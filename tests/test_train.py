@@ -98,6 +98,15 @@ def test_run_writes_metrics_checkpoints_validation_and_matches_golden(baseline):
     assert yaml.safe_load((out / "train_config.yaml").read_text())["train"]["loader"] == "memory"  # auto
 
 
+def test_a_run_starts_no_preemption_watcher(baseline, ray_session):
+    """sdray turns Ray Train's preemption watcher off (sdray.cluster.TRAIN_ENV): one process fewer per run."""
+    from ray._private.state import actors  # the GCS actor table, dead actors included; no dashboard needed
+
+    classes = {info["ActorClassName"].rpartition(".")[2] for info in actors().values()}
+    assert "TrainController" in classes and "RayTrainWorker" in classes, classes
+    assert "PreemptionWatcher" not in classes
+
+
 def test_export_loads_in_diffusers_with_ema_weights(baseline):
     from diffusers import StableDiffusionPipeline
 

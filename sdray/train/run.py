@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from sdray import storage
-from sdray.cluster import export_train_poll_interval
+from sdray.cluster import export_train_settings
 from sdray.data.cache import read_cache_info
 from sdray.data.reader import ExpectedCache, open_cache
 from sdray.errors import ConfigError, InputError, SdrayError
@@ -350,7 +350,7 @@ def _fit_and_export(
         write_plan_summary(output, cache.bucket_counts, cfg)
     if cfg.materialize:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
-    export_train_poll_interval()
+    export_train_settings()
     with _driver_progress(spec):
         result = _trainer(spec, datasets, tracked).fit()
     latest = result.checkpoint

@@ -24,7 +24,7 @@ from diffusers.optimization import get_scheduler
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
-from sdray.cluster import ensure_ray, export_train_poll_interval
+from sdray.cluster import ensure_ray, export_train_settings
 from sdray.config import from_dict, to_dict
 from sdray.errors import InputError
 from sdray.models.components import load_components
@@ -240,7 +240,7 @@ def train_vae(
     tracked = tracking_run.start_run(
         tracking or TrackingConfig(), output=str(output), stage="train-vae", params=resolved, tags={}
     )
-    export_train_poll_interval()
+    export_train_settings()
     with tracking_run.failure_status(tracked):
         result = _trainer(
             cfg, {**resolved, tracking_run.CONFIG_KEY: tracked.to_dict()}, train_ds, val_ds
