@@ -235,6 +235,29 @@ def glob(fs: pafs.FileSystem, pattern: str) -> list[pafs.FileInfo]:
     return [i for i in _files(fs, base, recursive=True) if glob_match(i.path, pattern)]
 
 
+def _is_data_file(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return name.endswith(".parquet") and not name.startswith(("_", "."))
+
+
+def parquet_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """The parquet files ``path`` names, sorted: the file itself, a folder's ``.parquet`` files (recursively),
+    or a glob's; names starting with ``_`` or ``.`` (metadata, temp files) left out. Empty when a folder or
+    glob holds none.
+
+    Raises:
+        FileNotFoundError: ``path`` is neither a glob nor an existing file or folder.
+    """
+    if has_glob(path):
+        return [i for i in glob(fs, path) if _is_data_file(i.path)]
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    if info.is_file:
+        return [info]
+    return [i for i in _files(fs, path, recursive=True) if _is_data_file(i.path)]
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a local temp directory beside ``target``; on success rename it to ``target``, on error delete it.

@@ -47,6 +47,22 @@ def test_glob_stays_in_one_folder_unless_double_star(tmp_path):
     assert names("a/**.parquet") == ["a/1.parquet", "a/b/2.parquet"]
 
 
+def test_parquet_files_of_a_file_a_folder_and_a_glob(tmp_path):
+    for name in ["d/1.parquet", "d/sub/2.parquet", "d/_manifest.parquet", "d/.tmp.parquet", "d/notes.txt"]:
+        storage.write_bytes(tmp_path / name, b"x")
+    fs, root = storage.resolve(tmp_path)
+
+    def names(path: str) -> list[str]:
+        return [i.path.removeprefix(root + "/") for i in storage.parquet_files(fs, f"{root}/{path}")]
+
+    assert names("d") == ["d/1.parquet", "d/sub/2.parquet"]  # recursive; metadata and temp files left out
+    assert names("d/*.parquet") == ["d/1.parquet"]
+    assert names("d/notes.txt") == ["d/notes.txt"]  # a file named outright is taken as it is
+    assert names("d/sub/*.jpg") == []
+    with pytest.raises(FileNotFoundError):
+        names("nope")
+
+
 def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(TypeError):  # fails while writing the temp file: it is removed, nothing is renamed
         storage.write_bytes(tmp_path / "f.bin", object())  # type: ignore[arg-type]

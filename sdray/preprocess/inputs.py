@@ -44,22 +44,11 @@ def unit_key(path: str) -> str:
     return hashlib.sha1(path.encode()).hexdigest()[:16]
 
 
-def _is_data_file(path: str) -> bool:
-    name = path.rsplit("/", 1)[-1]
-    return name.endswith(".parquet") and not name.startswith(("_", "."))
-
-
 def _expand(fs: pafs.FileSystem, path: str, where: str) -> list[InputFile]:
-    if storage.has_glob(path):
-        found = [i for i in storage.glob(fs, path) if _is_data_file(i.path)]
-    else:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise InputError(f"input {where!r} does not exist")
-        if info.is_file:
-            return [InputFile.from_info(info)]
-        found = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.is_file]
-        found = [i for i in found if _is_data_file(i.path)]
+    try:
+        found = storage.parquet_files(fs, path)
+    except FileNotFoundError:
+        raise InputError(f"input {where!r} does not exist") from None
     if not found:
         raise InputError(f"input {where!r} matches no .parquet files")
     return [InputFile.from_info(i) for i in found]

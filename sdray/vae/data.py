@@ -15,9 +15,12 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
+from sdray import storage
 from sdray.data.images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, decode_pixels, normalise, open_checked
+from sdray.data.reader import read_parquet_files
 from sdray.data.rejects import Rejected
 from sdray.errors import InputError
 from sdray.vae.config import VaeTrainConfig
@@ -80,20 +83,28 @@ def check_data_path(cfg: VaeTrainConfig) -> None:
         raise InputError(f"vae_train.data {cfg.data}: no such file or directory")
 
 
-def image_datasets(cfg: VaeTrainConfig):
-    """(train, val) Ray Datasets of decoded images; materialized when ``cfg.materialize``."""
-    import ray.data
-
-    check_data_path(cfg)
+def _source(cfg: VaeTrainConfig):
+    """The id and image columns of ``cfg.data``'s parquet files, a read task per file (see
+    `read_parquet_files`: Ray's default reader starts footer-reading actors at every pass over the data)."""
+    fs, path = storage.resolve(cfg.data)
     try:
-        source = ray.data.read_parquet(cfg.data)
-        names = set(source.schema().names)
-    except (FileNotFoundError, OSError, ValueError) as exc:
+        files = [info.path for info in storage.parquet_files(fs, path)]
+        if not files:
+            raise InputError(f"vae_train.data {cfg.data}: no .parquet files")
+        with fs.open_input_file(files[0]) as f:
+            names = set(pq.read_schema(f).names)
+    except (FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"vae_train.data {cfg.data}: cannot read parquet: {exc}") from exc
     missing = [c for c in (cfg.id_column, cfg.image_column) if c not in names]
     if missing:
-        raise InputError(f"{cfg.data}: missing column(s) {missing} (has {sorted(names)})")
-    source = source.select_columns([cfg.id_column, cfg.image_column])
+        raise InputError(f"{files[0]}: missing column(s) {missing} (has {sorted(names)})")
+    return read_parquet_files(files, filesystem=fs, columns=[cfg.id_column, cfg.image_column])
+
+
+def image_datasets(cfg: VaeTrainConfig):
+    """(train, val) Ray Datasets of decoded images; materialized when ``cfg.materialize``."""
+    check_data_path(cfg)
+    source = _source(cfg)
     datasets = []
     for split in ("train", "val"):
         ds = source.map_batches(
