@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +126,21 @@ def test_unknown_column_is_exit_2_and_writes_nothing(tmp_path, capsys):
     assert code == 2 and len(err) == 1
     assert err[0].startswith("error: ") and "p.jsonl line 1: unknown column 'sed'" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_driver_checks_the_prompts_without_importing_diffusers(tmp_path):
+    """Without LoRAs the driver only tokenizes: the sampler actors load the model (seconds saved per command)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red circle", "sed": 3}) + "\n")
+    report = (
+        "import sys; from pipelines.cli import main; code = main(sys.argv[1:]); "
+        "print('diffusers' in sys.modules, 'transformers' in sys.modules); sys.exit(code)"
+    )
+    args = ["batch-generate", "--prompts", str(prompts), "--output", str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-c", report, *args], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "unknown column 'sed'" in result.stderr, result.stderr
+    assert result.stdout.split() == ["False", "True"]  # the tokenizer came from transformers, nothing else
 
 
 @pytest.fixture(scope="module")

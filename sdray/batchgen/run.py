@@ -39,10 +39,11 @@ SOURCE_FILE = "_generated_by.json"
 
 
 def model_info(model_cfg: ModelConfig) -> tuple[ModelInfo, Any]:
-    """(ModelInfo, tokenizer) from the configs and the tokenizer alone: no weights are built in the driver."""
-    from sdray.models.components import load_components
+    """(ModelInfo, tokenizer) from the configs and the tokenizer alone: no weights are built in the driver, and
+    diffusers is not imported (~10 s of CPU before the sampler actors could start)."""
+    from sdray.models.tokenizer import load_tokenizer
 
-    tokenizer = load_components(model_cfg, parts=("tokenizer",)).tokenizer
+    tokenizer = load_tokenizer(model_cfg)
     factor = 2 ** (len(architecture(model_cfg, "vae")["block_out_channels"]) - 1)
     info = ModelInfo(
         source=model_cfg.source,

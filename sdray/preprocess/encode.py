@@ -19,7 +19,6 @@ from sdray.config import from_dict
 from sdray.data.cache import CacheInfo
 from sdray.data.images import normalise
 from sdray.data.rejects import NONFINITE_OUTPUT
-from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
 from sdray.preprocess.bucketing import encode_by_bucket, stage_shapes
 
@@ -33,6 +32,9 @@ class Encoder:
         self, *, model: dict[str, Any], info_json: str, num_threads: int = 0, actors: int = 1
     ) -> None:
         """``num_threads``: torch threads on CPU; 0 shares this node's cores among ``actors`` actors."""
+        # here, not at the top: the drivers that build pipelines with this class need not import diffusers
+        from sdray.models.components import load_components
+
         self.info = CacheInfo.from_json(info_json, where="cache info")
         model_cfg = from_dict(ModelConfig, model, where="model")
         components = load_components(model_cfg, parts=("text_encoder", "vae"))
