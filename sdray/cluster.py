@@ -20,7 +20,7 @@ SERVE_FAST_PATH_ENV = {
 
 # Ray Train settings, handed from the driver to its controller and workers (a value set by the user wins):
 # - the controller polls its workers every 2 s by default, and a run's start-up phases and its end wait for the
-#   next poll: ~4.7 s of a 2-step run on a running Ray (benchmarks/results/train_fixed_cost.md); a poll is one
+#   next poll: 3-5 s of a 2-step run on a running Ray (benchmarks/results/train_fixed_cost.md); a poll is one
 #   small actor call per worker.
 # - a preemption watcher actor per worker group relays node-drain notices to
 #   `ray.train.get_preemption_info()`, which sdray does not read (a lost node is a worker failure: FailureConfig
