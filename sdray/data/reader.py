@@ -137,14 +137,13 @@ def cache_shards(path: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, sorted(committed_shards(path, shards))
 
 
-def open_cache(path: str, expected: ExpectedCache) -> LatentCache:
+def open_cache(path: str, expected: ExpectedCache, info: cache.CacheInfo | None = None) -> LatentCache:
     """Validate the cache at ``path`` against ``expected`` and list its committed shards.
 
-    Rows are not loaded here (parquet footers only): training reads them into memory or streams them
-    (`LatentCache.stream`).
+    ``info``: the cache's `_cache.json` if the caller has read it already. Rows are not loaded here (parquet
+    footers only): training reads them into memory or streams them (`LatentCache.stream`).
     """
-
-    info = cache.read_cache_info(path)
+    info = info or cache.read_cache_info(path)
     check_compatible(info, expected, where=path)
     empty = cache.read_empty_caption(path, info)
     fs, shards = cache_shards(path)

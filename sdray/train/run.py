@@ -123,11 +123,12 @@ def expected_cache(cfg: TrainConfig, model_cfg: ModelConfig) -> ExpectedCache:
     )
 
 
-def open_class_cache(cfg: TrainConfig, expected: ExpectedCache, info: Any) -> Any:
-    """DreamBooth's class-image cache: encoded like the instance cache, enough rows for one step per worker."""
+def open_class_cache(cfg: TrainConfig, expected: ExpectedCache, info: Any, class_info: Any = None) -> Any:
+    """DreamBooth's class-image cache: encoded like the instance cache (``info``), enough rows for one step per
+    worker. ``class_info``: its `_cache.json`, if already read."""
     where = f"train.class_data {cfg.class_data}"
     try:
-        cache = open_cache(cfg.class_data, expected)
+        cache = open_cache(cfg.class_data, expected, class_info)
     except InputError as exc:
         raise InputError(f"prior preservation needs class images; {where}: {exc}") from None
     if cache.num_rows < cfg.batch_size * cfg.num_workers:
@@ -265,12 +266,10 @@ def choose_loader(cfg: TrainConfig, *, bucketed: bool, num_bytes: int) -> str:
 def _open_data(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[TrainConfig, Any, dict[str, Any]]:
     """(cfg with the loader resolved, the opened cache, Ray Train datasets): the cache, and DreamBooth's class
     cache with `class_data`. With the memory loader there are no datasets: the workers read the files."""
-    for uri in filter(
-        None, (cfg.data, cfg.class_data)
-    ):  # a wrong path fails before the encoders load (~10 s)
-        read_cache_info(uri)
+    # read first: a wrong path fails before the encoders load (~10 s)
+    infos = {uri: read_cache_info(uri) for uri in filter(None, (cfg.data, cfg.class_data))}
     expected = expected_cache(cfg, model_cfg)
-    cache = open_cache(cfg.data, expected)
+    cache = open_cache(cfg.data, expected, infos[cfg.data])
     needed = cfg.batch_size * cfg.num_workers
     if cache.num_rows < needed:
         raise InputError(
@@ -280,7 +279,7 @@ def _open_data(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[TrainConfig, A
     if cfg.class_data:
         if cache.info.buckets:
             raise ConfigError(f"train.class_data (DreamBooth) needs a square cache; {cfg.data} is bucketed")
-        caches[CLASS_DATASET] = open_class_cache(cfg, expected, cache.info)
+        caches[CLASS_DATASET] = open_class_cache(cfg, expected, cache.info, infos[cfg.class_data])
     num_bytes = sum(c.num_bytes for c in caches.values())
     loader = choose_loader(cfg, bucketed=bool(cache.info.buckets), num_bytes=num_bytes)
     log.info(
