@@ -32,6 +32,31 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def sdray_forkserver(tmp_path_factory):
+    """The socket of a preloaded `sdray` (tests/cli_forkserver.py) for the docs chains; stopped by its PID."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("forkserver")
+    socket_path, log = folder / "sdray.sock", folder / "server.log"
+    server_py = Path(__file__).with_name("cli_forkserver.py")
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, str(server_py), "serve", str(socket_path)],
+            stdout=subprocess.PIPE,
+            stderr=out,
+            text=True,
+        )
+    try:
+        ready = server.stdout.readline()
+        assert ready == "ready\n", f"the sdray fork server did not start: {log.read_text()[-3000:]}"
+        yield socket_path
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
 def tiny_components():
     """All five tiny-preset components (random weights, seed 0). Do not mutate."""
     from sdray.models.components import load_components

@@ -1,8 +1,9 @@
 """Runs the commands of README.md and docs/*.md as a user would (rules: tests/docs_commands.py).
 
-Every `sdray` command is a real subprocess; they all attach to the session's Ray through RAY_ADDRESS
-instead of each starting a private one. The chains are separate test modules (test_docs_*.py), so that
-`make test` runs them side by side.
+Every `sdray` command is a process of its own, forked from the session's preloaded `sdray`
+(tests/cli_forkserver.py: the ~10 s of imports per command are paid once); they all attach to the session's
+Ray through RAY_ADDRESS instead of each starting a private one. The chains are separate test modules
+(test_docs_*.py), so that `make test` can run them side by side.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ from serve_fixtures import free_port
 SERVE_START_TIMEOUT_S = 300
 
 
-def _shim(bin_dir: Path) -> None:
-    """`sdray` and `python` on PATH: this checkout's console script and interpreter."""
+def _shim(bin_dir: Path, forkserver: Path) -> None:
+    """`sdray` and `python` on PATH: this checkout's console script (forked from the preloaded server at
+    ``forkserver``) and interpreter."""
     bin_dir.mkdir()
-    (bin_dir / "sdray").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m pipelines.cli "$@"\n')
+    client = Path(__file__).with_name("cli_forkserver.py")
+    (bin_dir / "sdray").write_text(
+        f'#!/bin/sh\nexec "{sys.executable}" -S "{client}" run "{forkserver}" "$@"\n'
+    )
     (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     for name in ("sdray", "python"):
         (bin_dir / name).chmod(0o755)
@@ -73,11 +78,12 @@ def _first_serve() -> str:
     )
 
 
-def run_chain(chain: str, ray_address: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+def run_chain(chain: str, ray_address: str, tiny_model_dir: Path, tmp_path: Path, forkserver: Path) -> None:
     """Run the commands of one of CHAINS as written, in order, in a fresh directory under ``tmp_path``;
-    every `sdray` command attaches to the Ray at ``ray_address``."""
+    every `sdray` command attaches to the Ray at ``ray_address`` and is forked from the server at
+    ``forkserver`` (the `sdray_forkserver` fixture)."""
     address = ray_address
-    _shim(tmp_path / "bin")
+    _shim(tmp_path / "bin", forkserver)
     env = {
         **os.environ,
         "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",

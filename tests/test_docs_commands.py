@@ -6,11 +6,15 @@ test_docs_finetune.py run the other chains.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from docs_commands import (
     CHAINS,
     DOC_ORDER,
     PREREQUISITES,
+    ROOT,
     DocsError,
     all_commands,
     chain_commands,
@@ -53,5 +57,28 @@ def test_chains_split_the_docs_in_reading_order():
     assert sum(len(chain_commands(chain)) for chain in CHAINS) == len(all_commands())
 
 
-def test_the_preprocessing_guide_runs_as_written(ray_session, tiny_model_dir, tmp_path):
-    run_chain("preprocess", ray_session.get_runtime_context().gcs_address, tiny_model_dir, tmp_path)
+def test_the_preprocessing_guide_runs_as_written(ray_session, tiny_model_dir, tmp_path, sdray_forkserver):
+    run_chain(
+        "preprocess",
+        ray_session.get_runtime_context().gcs_address,
+        tiny_model_dir,
+        tmp_path,
+        sdray_forkserver,
+    )
+
+
+def test_a_forked_command_keeps_its_own_cwd_streams_and_exit_code(sdray_forkserver, tmp_path):
+    """The docs chains' `sdray` (tests/cli_forkserver.py) ends as the console script would."""
+    client = [sys.executable, "-S", str(ROOT / "tests" / "cli_forkserver.py"), "run", str(sdray_forkserver)]
+    bad = subprocess.run(
+        [*client, "train", "--data", "nowhere", "--out", "run"], cwd=tmp_path, capture_output=True
+    )
+    assert (bad.returncode, bad.stdout) == (2, b""), bad.stderr
+    assert bad.stderr.decode() == (
+        f"error: latent cache {tmp_path / 'nowhere'} does not exist; write one with `sdray preprocess`\n"
+    )
+    shown = subprocess.run(
+        [*client, "train", "--data", "d", "--out", "o", "--set", "train.learning_rate=0.5", "--print-config"],
+        cwd=tmp_path, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "learning_rate: 0.5" in shown.stdout and not (tmp_path / "o").exists()

@@ -8,5 +8,13 @@ from docs_runner import run_chain
 pytestmark = pytest.mark.slow
 
 
-def test_the_readme_and_the_training_guide_run_as_written(ray_session, tiny_model_dir, tmp_path):
-    run_chain("quickstart", ray_session.get_runtime_context().gcs_address, tiny_model_dir, tmp_path)
+def test_the_readme_and_the_training_guide_run_as_written(
+    ray_session, tiny_model_dir, tmp_path, sdray_forkserver
+):
+    run_chain(
+        "quickstart",
+        ray_session.get_runtime_context().gcs_address,
+        tiny_model_dir,
+        tmp_path,
+        sdray_forkserver,
+    )
