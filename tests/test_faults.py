@@ -52,9 +52,10 @@ def _terminate_when(proc: subprocess.Popen, ready, timeout: float = 300) -> tupl
 
 
 @pytest.fixture(scope="module")
-def interrupted_cache(ray_session, tmp_path_factory):
+def interrupted_cache(ray_session, sdray_forkserver, tmp_path_factory):
     """A preprocessing run stopped by SIGTERM while it runs (on a Ray of its own, as `sdray` runs by default),
-    then rerun on the session's Ray (which Ray the rerun joins does not matter to what it resumes)."""
+    then rerun on the session's Ray (which Ray the rerun joins does not matter to what it resumes), forked from
+    the preloaded `sdray` (tests/cli_forkserver.py) as the docs chains run it."""
     from sdray.data.synth import SynthConfig, write_synth
 
     root = tmp_path_factory.mktemp("sigterm")
@@ -83,8 +84,10 @@ def interrupted_cache(ray_session, tmp_path_factory):
     except InputError as exc:
         state["reader"] = str(exc)
     session = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    rerun = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, capture_output=True,
-                           text=True, timeout=600, env=session)  # fmt: skip
+    forked = [sys.executable, "-S", str(ROOT / "tests" / "cli_forkserver.py"), "run", str(sdray_forkserver)]
+    rerun = subprocess.run(
+        [*forked, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=session
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     return cache, state
 
@@ -104,11 +107,12 @@ def test_sigterm_on_preprocess_publishes_no_summary_and_rerun_writes_each_row_on
     assert len(ids) == len(set(ids)) == rows
 
 
-def test_sigterm_on_train_leaves_checkpoints_but_no_model(interrupted_cache, tmp_path):
+def test_sigterm_on_train_leaves_checkpoints_but_no_model(interrupted_cache, ray_session, tmp_path):
     cache, _ = interrupted_cache
     run = tmp_path / "run"
+    session = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = _sdray("train", "--data", str(cache), "--out", str(run), "--steps", "500",
-                  "--set", "train.batch_size=4", "--set", "train.checkpoint_every=2")  # fmt: skip
+                  "--set", "train.batch_size=4", "--set", "train.checkpoint_every=2", env=session)  # fmt: skip
     code, output = _terminate_when(proc, lambda _: any((run / "ray" / "train").glob("checkpoint-step-*")))
     assert code == 130, output[-3000:]
     assert not (run / "model").exists()  # the exported model appears only at the end, atomically
