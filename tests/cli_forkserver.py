@@ -117,6 +117,11 @@ def serve(path: str) -> None:
         conn.close()
 
 
+def client_command(path: os.PathLike | str) -> list[str]:
+    """The command line of the `sdray` shim for the server at ``path`` (arguments follow it)."""
+    return [sys.executable, "-S", os.path.abspath(__file__), "run", str(path)]
+
+
 def run(path: str, args: list[str]) -> int:
     """The `sdray` shim: run ``args`` in a process forked from the server; returns its exit code."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+from cli_forkserver import client_command
 from docs_commands import CHAINS, PREREQUISITES, ROOT, all_commands, chain_commands, why_not_run
 from serve_fixtures import free_port
 
@@ -28,10 +30,7 @@ def _shim(bin_dir: Path, forkserver: Path) -> None:
     """`sdray` and `python` on PATH: this checkout's console script (forked from the preloaded server at
     ``forkserver``) and interpreter."""
     bin_dir.mkdir()
-    client = Path(__file__).with_name("cli_forkserver.py")
-    (bin_dir / "sdray").write_text(
-        f'#!/bin/sh\nexec "{sys.executable}" -S "{client}" run "{forkserver}" "$@"\n'
-    )
+    (bin_dir / "sdray").write_text(f'#!/bin/sh\nexec {shlex.join(client_command(forkserver))} "$@"\n')
     (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     for name in ("sdray", "python"):
         (bin_dir / name).chmod(0o755)

@@ -7,14 +7,13 @@ test_docs_finetune.py run the other chains.
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
+from cli_forkserver import client_command
 from docs_commands import (
     CHAINS,
     DOC_ORDER,
     PREREQUISITES,
-    ROOT,
     DocsError,
     all_commands,
     chain_commands,
@@ -69,7 +68,7 @@ def test_the_preprocessing_guide_runs_as_written(ray_session, tiny_model_dir, tm
 
 def test_a_forked_command_keeps_its_own_cwd_streams_and_exit_code(sdray_forkserver, tmp_path):
     """The docs chains' `sdray` (tests/cli_forkserver.py) ends as the console script would."""
-    client = [sys.executable, "-S", str(ROOT / "tests" / "cli_forkserver.py"), "run", str(sdray_forkserver)]
+    client = client_command(sdray_forkserver)
     bad = subprocess.run(
         [*client, "train", "--data", "nowhere", "--out", "run"], cwd=tmp_path, capture_output=True
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from cli_forkserver import client_command
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,9 +85,13 @@ def interrupted_cache(ray_session, sdray_forkserver, tmp_path_factory):
     except InputError as exc:
         state["reader"] = str(exc)
     session = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    forked = [sys.executable, "-S", str(ROOT / "tests" / "cli_forkserver.py"), "run", str(sdray_forkserver)]
     rerun = subprocess.run(
-        [*forked, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=session
+        [*client_command(sdray_forkserver), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=session,
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     return cache, state
