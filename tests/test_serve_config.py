@@ -47,11 +47,29 @@ def test_serve_yaml_is_a_valid_serve_config_for_our_app():
         ({"default_scheduler": "lms"}, "default_scheduler 'lms' unknown; known: ddim"),
         ({"default_steps": 200}, "default_steps \\(200\\) > max_steps"),
         ({"downscale_to_zero_delay_s": -1}, "downscale_to_zero_delay_s must be >= 0, got -1"),
+        ({"topology": "single", "min_replicas": 0}, "topology single .* cannot scale to zero"),
     ],
 )
 def test_bad_serve_config_names_the_field(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         ServeConfig(**kwargs)
+
+
+def test_single_topology_is_one_deployment_with_the_model_replicas_resources_and_scaling():
+    from sdray.models.config import ModelConfig
+    from sdray.serve.app import SDServer, build_app
+
+    cfg = ServeConfig(topology="single", num_cpus=2, min_replicas=1, max_replicas=3)
+    app = build_app(cfg, ModelConfig(), api_key="k")
+    deployment = app._bound_deployment
+    assert (
+        deployment.name == SDServer.name
+        and deployment.max_ongoing_requests == cfg.ingress_max_ongoing_requests
+    )
+    assert (deployment.ray_actor_options["num_cpus"], deployment.ray_actor_options["num_gpus"]) == (2, 0)
+    assert deployment.ray_actor_options["runtime_env"] == {"env_vars": {cfg.api_key_env: "k"}}
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 3)
 
 
 def test_grpc_message_limit_covers_the_largest_answer():

@@ -1,4 +1,6 @@
-"""The web page at `/` in headless Debian Chromium (playwright drives /usr/bin/chromium; no browser download).
+"""The web page at `/` in headless Debian Chromium (playwright drives /usr/bin/chromium; no browser download),
+served by the single topology (`serve.topology: single`: API and model in one replica; tests/test_serve.py and
+test_serve_adapters.py serve the split one), which the HTTP tests at the end check as such.
 
 `make browser` (part of `make test`) installs chromium when it is missing.
 """
@@ -12,6 +14,7 @@ import pytest
 from serve_fixtures import free_port, make_adapter_store, running_app
 
 from sdray.models.config import ModelConfig
+from sdray.serve.api import read_server_timing
 from sdray.serve.config import ServeConfig
 
 CHROMIUM = os.environ.get("SDRAY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -32,12 +35,15 @@ if shutil.which(CHROMIUM) is None:
     )
 
 
+# The replica holds at most max_ongoing_requests + max_queued_requests = 3 generations; more get 503.
+CFG = dict(default_steps=4, max_side=256, batch_wait_timeout_s=0.0, max_batch_size=2, max_ongoing_requests=2,
+           max_queued_requests=1, retry_after_s=4, topology="single")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def url(ray_session, tmp_path_factory):
     store = make_adapter_store(tmp_path_factory.mktemp("adapters"))
-    cfg = ServeConfig(
-        port=free_port(), default_steps=4, max_side=256, batch_wait_timeout_s=0.0, adapters=str(store)
-    )
+    cfg = ServeConfig(port=free_port(), adapters=str(store), **CFG)
     with running_app(cfg, ModelConfig(), api_key="") as base:
         yield base
 
@@ -105,3 +111,40 @@ def test_adapter_selector_sends_the_adapter_and_shows_its_image(page, url):
     page.wait_for_function("(b64) => document.querySelector('#images img').src.endsWith(b64)", arg=b64)
     base = httpx.post(url + "/v1/images/generations", json={**body, "model": None}, timeout=300)
     assert base.json()["data"][0]["b64_json"] != b64  # the adapter changed the image
+
+
+def test_single_topology_is_one_deployment_that_generates_and_reports_its_batches(url):
+    import concurrent.futures as cf
+
+    import httpx
+    from ray import serve
+
+    deployments = serve.status().applications["sdray"].deployments
+    assert {name: d.status for name, d in deployments.items()} == {"SDServer": "HEALTHY"}
+    body = {"prompt": "a red circle", "size": "32x32", "steps": 2, "seed": 3}
+    first, again = (httpx.post(url + "/v1/images/generations", json=body, timeout=300) for _ in range(2))
+    assert first.status_code == 200 and first.json()["data"] == again.json()["data"]
+    timing = read_server_timing(first.headers["Server-Timing"])
+    assert 0 < timing["model"] <= timing["ingress"]
+    assert httpx.get(url + "/healthz").json()["status"] == "ok"
+    handle = serve.get_deployment_handle("SDServer", app_name="sdray")
+    # in a thread: playwright's sync API keeps an event loop on this one, where handles refuse to block
+    with cf.ThreadPoolExecutor(1) as pool:
+        stats = pool.submit(lambda: handle.stats.remote().result()).result()
+    assert stats["batches"] >= 2 and stats["failures"] == 0
+
+
+def test_single_topology_refuses_generations_past_its_limit_with_503_and_recovers(url):
+    import concurrent.futures as cf
+
+    import httpx
+
+    body = {"prompt": "a busy server", "size": "64x64", "steps": 30}
+    with httpx.Client(base_url=url, timeout=300) as client, cf.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: client.post("/v1/images/generations", json=body), range(8)))
+        codes = sorted(r.status_code for r in answers)
+        assert set(codes) == {200, 503} and codes.count(200) >= 3, codes  # 3 held at once, no 500s
+        busy = next(r for r in answers if r.status_code == 503)
+        assert busy.headers["Retry-After"] == "4" and "busy" in busy.json()["detail"]
+        assert client.get("/healthz").status_code == 200
+        assert client.post("/v1/images/generations", json={"prompt": "a", "size": "32x32"}).status_code == 200

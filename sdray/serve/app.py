@@ -1,6 +1,12 @@
-"""The Serve application: an HTTP ingress deployment and a batched model deployment, composed with handles.
+"""The Serve application, in one of two topologies (`serve.topology`):
 
-    client ──HTTP──► SDIngress (FastAPI: validation, auth, limits) ──handle──► SDModel (@serve.batch, sampler)
+    split:  client ──HTTP──► SDIngress (FastAPI: validation, auth, limits) ──handle──► SDModel (@serve.batch)
+    single: client ──HTTP──► SDServer (the same FastAPI app and the same batched model in one replica)
+
+`split` (the default) scales model replicas apart from the HTTP front, to zero if asked, and routes adapter
+requests to a replica that holds the adapter; `single` saves the handle hop (lower latency per request, one
+process fewer). Both run the same code: `ModelReplica` (batching, sampler, adapters) and `Ingress` (the API),
+joined by a handle or directly.
 
 `build_app(serve_cfg, model_cfg)` returns the bound application; `app_builder(args)` is the import path a
 Serve config file names (pipelines/serve.yaml); `serve_forever(cfg)` is what `sdray serve` runs.
@@ -18,9 +24,10 @@ import re
 import signal
 import socket
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from sdray import storage
@@ -39,8 +46,7 @@ APP_NAME = "sdray"
 HEALTH_TIMEOUT_S = 10.0
 
 
-@serve.deployment(name="SDModel")
-class SDModel:
+class ModelReplica:
     """Loads the model once; `generate` joins a batch of compatible requests (one UNet call per step)."""
 
     def __init__(self, serve_cfg: dict[str, Any], model_cfg: dict[str, Any]) -> None:
@@ -69,7 +75,7 @@ class SDModel:
         self.largest_batch = 0
         self.metrics = ModelMetrics()
         self._init_adapters()
-        log.info("SDModel ready: %s, batches of <= %d", self.sampler.info, self.cfg.max_batch_size)
+        log.info("model replica ready: %s, batches of <= %d", self.sampler.info, self.cfg.max_batch_size)
 
     def _init_adapters(self) -> None:
         """LoRA adapters from the store, loaded on first use and evicted LRU by Serve's model multiplexing."""
@@ -124,10 +130,9 @@ class SDModel:
         The batch hands back one future per request, resolved when that request's bucket is done.
         """
         arrived = time.perf_counter()
-        model_id = serve.get_multiplexed_model_id()
-        if model_id:  # load before batching: an adapter that fails to load fails this request alone
+        if req.adapter:  # load before batching: an adapter that fails to load fails this request alone
             async with self._unet_lock:
-                await self.get_model(model_id)
+                await self.get_model(req.adapter)
         await self._idle.wait()
         result = await (await self.generate_batch(req))
         self.metrics.record_queue_wait(time.perf_counter() - arrived - result.model_ms / 1000)
@@ -217,12 +222,65 @@ def _buckets_by_cost(requests: list[GenerationRequest]) -> list[list[int]]:
     return sorted(groups.values(), key=cost)
 
 
-@serve.deployment(name="SDIngress")
-@serve.ingress()
-class SDIngress:
-    """HTTP front: validates, authenticates and forwards to SDModel; holds only the tokenizer."""
+SDModel = serve.deployment(name="SDModel")(ModelReplica)
 
-    def __init__(self, model: DeploymentHandle, serve_cfg: dict[str, Any], model_cfg: dict[str, Any]) -> None:
+
+class ModelClient(Protocol):
+    """How the API reaches the model: through a deployment handle (split) or in the same replica (single)."""
+
+    async def info(self) -> ModelInfo: ...
+
+    async def health(self) -> None: ...
+
+    async def generate(self, req: GenerationRequest) -> Generation: ...
+
+
+class HandleModel:
+    """The model deployment behind a handle; an adapter request goes to a replica that holds the adapter."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def info(self) -> ModelInfo:
+        return await self.handle.info.remote()
+
+    async def health(self) -> None:
+        await self.handle.health.remote()
+
+    async def generate(self, req: GenerationRequest) -> Generation:
+        if req.adapter:  # Serve routes to a replica that holds the adapter, when one does
+            return await self.handle.generate.options(multiplexed_model_id=req.adapter).remote(req)
+        return await self.handle.generate.remote(req)
+
+
+class LocalModel:
+    """The model in this replica. Holds at most ``limit`` generations (running or waiting for a batch) and
+    refuses more with BackPressureError (503 with Retry-After), as the model deployment's queue does."""
+
+    def __init__(self, replica: ModelReplica, limit: int) -> None:
+        self.replica, self.limit, self.in_flight = replica, limit, 0
+
+    async def info(self) -> ModelInfo:
+        return self.replica.info()
+
+    async def health(self) -> None:
+        self.replica.health()
+
+    async def generate(self, req: GenerationRequest) -> Generation:
+        if self.in_flight >= self.limit:
+            raise BackPressureError(num_queued_requests=self.in_flight, max_queued_requests=self.limit)
+        self.in_flight += 1
+        try:
+            return await self.replica.generate(req)
+        finally:
+            self.in_flight -= 1
+
+
+class Ingress:
+    """The HTTP API's backend (sdray.serve.api.ImageBackend): validates, authenticates and hands generation to
+    the model; holds only the tokenizer."""
+
+    def __init__(self, model: ModelClient, serve_cfg: dict[str, Any], model_cfg: dict[str, Any]) -> None:
         from sdray.models.tokenizer import load_tokenizer
 
         self.cfg = from_dict(ServeConfig, serve_cfg, where="serve")
@@ -237,12 +295,12 @@ class SDIngress:
 
     async def model_info(self) -> ModelInfo:
         if self._info is None:  # asked lazily: with min_replicas=0 no model replica runs at start
-            self._info = await self.model.info.remote()
+            self._info = await self.model.info()
         return self._info
 
     async def model_health(self) -> str | None:
         try:
-            await asyncio.wait_for(self.model.health.remote(), HEALTH_TIMEOUT_S)
+            await asyncio.wait_for(self.model.health(), HEALTH_TIMEOUT_S)
         except Exception as exc:  # any failure to answer is "unhealthy"; the message says which
             return f"{type(exc).__name__}: {exc}"[:300]
         return None
@@ -251,9 +309,33 @@ class SDIngress:
         return len(self.tokenizer(text, truncation=False).input_ids)
 
     async def generate(self, req: GenerationRequest) -> Generation:
-        if req.adapter:  # Serve routes to a replica that holds the adapter, when one does
-            return await self.model.generate.options(multiplexed_model_id=req.adapter).remote(req)
-        return await self.model.generate.remote(req)
+        return await self.model.generate(req)
+
+
+@serve.deployment(name="SDIngress")
+@serve.ingress()
+class SDIngress(Ingress):
+    """The HTTP front of the split topology, in front of SDModel's replicas."""
+
+    def __init__(self, model: DeploymentHandle, serve_cfg: dict[str, Any], model_cfg: dict[str, Any]) -> None:
+        super().__init__(HandleModel(model), serve_cfg, model_cfg)
+
+
+@serve.deployment(name="SDServer")
+@serve.ingress()
+class SDServer(Ingress):
+    """The single topology: the HTTP API and the batched model in one replica."""
+
+    def __init__(self, serve_cfg: dict[str, Any], model_cfg: dict[str, Any]) -> None:
+        self.replica = ModelReplica(serve_cfg, model_cfg)
+        limit = self.replica.cfg.max_ongoing_requests + self.replica.cfg.max_queued_requests
+        super().__init__(LocalModel(self.replica, limit), serve_cfg, model_cfg)
+
+    def check_health(self) -> None:
+        self.replica.check_health()
+
+    def stats(self) -> dict[str, Any]:
+        return self.replica.stats()
 
 
 def build_app(
@@ -265,26 +347,34 @@ def build_app(
     otherwise they read that variable from their own environment (e.g. set on the cluster's nodes).
     """
     s, m = to_dict(serve_cfg), to_dict(model_cfg)
-    ingress_options: dict[str, Any] = {"num_cpus": 0}
-    if api_key:
-        ingress_options["runtime_env"] = {"env_vars": {serve_cfg.api_key_env: api_key}}
+    api_key_env = {"runtime_env": {"env_vars": {serve_cfg.api_key_env: api_key}}} if api_key else {}
+    autoscaling = {
+        "min_replicas": serve_cfg.min_replicas,
+        "max_replicas": serve_cfg.max_replicas,
+        "initial_replicas": max(serve_cfg.min_replicas, 1),
+        "target_ongoing_requests": serve_cfg.target_ongoing_requests,
+        "upscale_delay_s": serve_cfg.upscale_delay_s,
+        "downscale_delay_s": serve_cfg.downscale_delay_s,
+        "downscale_to_zero_delay_s": serve_cfg.downscale_to_zero_delay_s,
+    }
+    model_resources = {"num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus}
+    if (
+        serve_cfg.topology == "single"
+    ):  # HTTP requests of every kind reach this replica; LocalModel bounds generations
+        return SDServer.options(
+            autoscaling_config=autoscaling,
+            max_ongoing_requests=serve_cfg.ingress_max_ongoing_requests,
+            ray_actor_options={**model_resources, **api_key_env},
+        ).bind(s, m)
     model = SDModel.options(
-        autoscaling_config={
-            "min_replicas": serve_cfg.min_replicas,
-            "max_replicas": serve_cfg.max_replicas,
-            "initial_replicas": max(serve_cfg.min_replicas, 1),
-            "target_ongoing_requests": serve_cfg.target_ongoing_requests,
-            "upscale_delay_s": serve_cfg.upscale_delay_s,
-            "downscale_delay_s": serve_cfg.downscale_delay_s,
-            "downscale_to_zero_delay_s": serve_cfg.downscale_to_zero_delay_s,
-        },
+        autoscaling_config=autoscaling,
         max_ongoing_requests=serve_cfg.max_ongoing_requests,
         max_queued_requests=serve_cfg.max_queued_requests,
-        ray_actor_options={"num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus},
+        ray_actor_options=model_resources,
     ).bind(s, m)
     ingress = SDIngress.options(
         max_ongoing_requests=serve_cfg.ingress_max_ongoing_requests,
-        ray_actor_options=ingress_options,
+        ray_actor_options={"num_cpus": 0, **api_key_env},
     )
     return ingress.bind(model, s, m)
 

@@ -9,6 +9,7 @@ from sdray.errors import ConfigError
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 OffBucket = Literal["refuse", "warn"]
+Topology = Literal["split", "single"]
 # The sampler's scheduler names (sdray.serve.sampler.SCHEDULERS maps each to a diffusers class).
 SCHEDULER_NAMES = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm")
 
@@ -19,6 +20,11 @@ class ServeConfig:
     """Address to bind; 127.0.0.1 unless you mean to expose the service."""
     port: int = 8000
     """HTTP port."""
+    topology: Topology = "split"
+    """`split`: an HTTP ingress deployment in front of autoscaled model replicas (a handle call between them).
+    `single`: one deployment is both (one hop and one process less: lower latency per request); it cannot
+    scale to zero (min_replicas >= 1), its replicas scale on all HTTP requests, and an adapter request goes
+    to any replica rather than to one that holds the adapter. docs/serve.md compares them."""
     request_timeout_s: float = 300.0
     """Serve's end-to-end HTTP timeout; a request still running after this gets 408."""
     max_batch_size: int = 8
@@ -98,6 +104,11 @@ class ServeConfig:
         if not 0 <= self.min_replicas <= self.max_replicas:
             raise ConfigError(
                 f"need 0 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}"
+            )
+        if self.topology == "single" and self.min_replicas < 1:
+            raise ConfigError(
+                "topology single serves HTTP from the model replicas, so it cannot scale to zero: "
+                "set min_replicas >= 1 or topology split"
             )
         if self.dtype != "float32" and self.num_gpus <= 0:
             raise ConfigError(f"dtype {self.dtype} needs a GPU (num_gpus > 0); use float32 on CPU")
