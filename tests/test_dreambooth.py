@@ -168,3 +168,31 @@ def test_empty_class_cache_is_refused_before_training(ray_session, tiny_componen
     with pytest.raises(InputError, match=r"prior preservation needs class images; train.class_data .*0 rows"):
         run_training(_train_cfg(instance, empty, tmp_path / "run"), ModelConfig())
     assert not (tmp_path / "run" / "ray").exists()
+
+
+def test_instance_preprocessing_beside_class_generation_hands_back_errors_of_either_side():
+    """run_dreambooth preprocesses the instance set on a thread while the class images are generated."""
+    import threading
+
+    from sdray.dreambooth.run import _beside
+    from sdray.errors import InputError
+
+    order: list[str] = []
+    assert _beside(lambda: order.append("background") or 7, lambda: order.append("foreground")) == 7
+    assert sorted(order) == ["background", "foreground"]
+
+    def broken_instances() -> None:
+        raise InputError("data/mine: no image survived preprocessing")
+
+    with pytest.raises(InputError, match="no image survived"):  # raised once the foreground is done
+        _beside(broken_instances, lambda: order.append("class images"))
+    assert order[-1] == "class images"
+
+    release = threading.Event()
+
+    def broken_class_images() -> None:
+        raise InputError("prior preservation with no class images")
+
+    with pytest.raises(InputError, match="no class images"):  # at once: the background is not awaited
+        _beside(release.wait, broken_class_images)
+    release.set()

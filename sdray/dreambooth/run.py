@@ -2,7 +2,8 @@
 
 1. write the instance images as one image parquet, every row captioned with the instance prompt
 2. prior preservation: generate the class images from the base model with `batch-generate` (no LoRA)
-3. preprocess instance and class images with the same encoders and settings (two latent caches)
+3. preprocess instance and class images with the same encoders and settings (two latent caches); the
+   instance set is preprocessed while the class images are generated (both on Ray, from two threads)
 4. train on the instance cache, pairing every batch with class rows (`train.class_data`)
 Every step is resumable, so rerunning the same command continues where it stopped.
 """
@@ -12,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -25,6 +28,7 @@ from sdray.pipeline_config import PipelineConfig
 from sdray.preprocess.manifest import OutputDir
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 INSTANCE_DIR, CLASS_PROMPTS, CLASS_IMAGES = "instance", "class_prompts.jsonl", "class_images"
@@ -101,11 +105,11 @@ def _table_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _preprocess(cfg: PipelineConfig, source: str, target: str) -> dict[str, Any]:
+def _preprocess(cfg: PipelineConfig, source: str, target: str, label: str) -> dict[str, Any]:
     from sdray.preprocess.run import run_preprocess
 
     pre = dataclasses.replace(cfg.preprocess, input=source, output=target, **COLUMNS)
-    summary = run_preprocess(dataclasses.replace(cfg, preprocess=pre))
+    summary = run_preprocess(dataclasses.replace(cfg, preprocess=pre), label=label)
     if summary["rows_written"] < 1:
         raise InputError(f"{source}: no image survived preprocessing (see {target}/_rejects)")
     return summary
@@ -131,8 +135,32 @@ def _class_images(cfg: PipelineConfig, work: OutputDir) -> dict[str, Any]:
     return summary
 
 
+def _beside(background: Callable[[], T], foreground: Callable[[], object]) -> T:
+    """Run ``foreground`` here while ``background`` runs on a daemon thread; ``background``'s result.
+
+    An error of ``foreground`` is raised at once: the command then ends, and the background work stops with
+    the process (what it committed stays committed: preprocessing resumes). Otherwise an error of
+    ``background`` is raised once it is done."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = background()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="sdray-dreambooth-instance", daemon=True)
+    thread.start()
+    foreground()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def run_dreambooth(cfg: PipelineConfig) -> dict[str, Any]:
     """Instance set, class images, both caches, then prior-preserving training; returns a summary."""
+    from sdray.cluster import ensure_ray
     from sdray.train.run import run_training
 
     db = cfg.dreambooth
@@ -147,10 +175,21 @@ def run_dreambooth(cfg: PipelineConfig) -> dict[str, Any]:
         output=cfg.train.output or storage.join(work.uri, RUN_DIR),
         class_data="",
     )
-    if db.prior_preservation:
+
+    def instance_cache() -> dict[str, Any]:
+        return _preprocess(cfg, storage.join(work.uri, INSTANCE_DIR), train.data, "preprocess instance")
+
+    def class_cache() -> None:
         summary["class_images"] = _class_images(cfg, work)["rows_written"]
-        _preprocess(cfg, storage.join(work.uri, CLASS_IMAGES), storage.join(work.uri, CLASS_CACHE))
+        _preprocess(
+            cfg, storage.join(work.uri, CLASS_IMAGES), storage.join(work.uri, CLASS_CACHE), "preprocess class"
+        )
+
+    if db.prior_preservation:
+        ensure_ray()  # here: ray.init may only swap signal handlers on the main thread
+        _beside(instance_cache, class_cache)
         train = dataclasses.replace(train, class_data=storage.join(work.uri, CLASS_CACHE))
-    _preprocess(cfg, storage.join(work.uri, INSTANCE_DIR), train.data)
+    else:
+        instance_cache()
     result = run_training(train, cfg.model)
     return {**summary, "step": result.step, "run": result.output, "model": result.model, **result.metrics}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -75,6 +76,12 @@ class SDComponents:
         )
 
 
+# Process-wide state is swapped while a part is made: the global torch RNG (presets, `_seeded`) and, in
+# from_pretrained, torch.nn.Module's parameter registration (accelerate's init_empty_weights). Threads that
+# load at once (DreamBooth preprocesses two image sets side by side) would corrupt each other's weights.
+_ONE_LOAD_AT_A_TIME = threading.Lock()
+
+
 def load_components(cfg: ModelConfig, parts: Iterable[str] = COMPONENT_NAMES) -> SDComponents:
     """Build (preset) or load (``cfg.path``) the requested parts, in eval mode on the CPU, fp32."""
     parts = tuple(parts)
@@ -83,9 +90,10 @@ def load_components(cfg: ModelConfig, parts: Iterable[str] = COMPONENT_NAMES) ->
         raise ConfigError(f"unknown model component(s) {sorted(unknown)}; known: {COMPONENT_NAMES}")
     check_model_path(cfg, parts)
     loader = _load_part if cfg.path else _build_part
-    components = SDComponents(
-        **{name: load_tokenizer(cfg) if name == "tokenizer" else loader(cfg, name) for name in parts}
-    )
+    with _ONE_LOAD_AT_A_TIME:
+        components = SDComponents(
+            **{name: load_tokenizer(cfg) if name == "tokenizer" else loader(cfg, name) for name in parts}
+        )
     for module in (components.text_encoder, components.vae, components.unet):
         if module is not None:
             module.eval()

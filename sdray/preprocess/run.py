@@ -176,6 +176,7 @@ def _process(  # noqa: PLR0913 - the run's state, kept explicit
     pending: list[InputFile],
     info: CacheInfo,
     rows: dict[str, int],
+    label: str,
 ) -> Ledger:
     ledger = Ledger(out, pending, {f.path: rows[f.path] for f in pending})
     if ledger.records:
@@ -184,7 +185,7 @@ def _process(  # noqa: PLR0913 - the run's state, kept explicit
 
         ds = build_dataset(cfg, fs=fs, paths=paths, out=out, info=info)
         total = sum(record.rows for record in ledger.records.values())
-        progress = Progress(total, label="preprocess", unit="images")
+        progress = Progress(total, label=label, unit="images")
         for events in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             ledger.add(events)
             progress.update(ledger.rows_done, rejected=ledger.rows_rejected)
@@ -192,8 +193,9 @@ def _process(  # noqa: PLR0913 - the run's state, kept explicit
     return ledger
 
 
-def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
-    """Encode ``cfg.preprocess.input`` into the latent cache ``cfg.preprocess.output``; resumable.
+def run_preprocess(cfg: PipelineConfig, *, label: str = "preprocess") -> dict[str, Any]:
+    """Encode ``cfg.preprocess.input`` into the latent cache ``cfg.preprocess.output``; resumable. ``label``
+    starts the progress lines (tells two runs of one process apart).
 
     Returns:
         The summary also written to `_summary.json`: totals over the whole cache and `this_run` stats.
@@ -218,7 +220,7 @@ def run_preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     if pending:
         ensure_ray()
     start = time.perf_counter()
-    ledger = _process(cfg, out, fs, pending, info, rows) if pending else None
+    ledger = _process(cfg, out, fs, pending, info, rows, label) if pending else None
     wall = time.perf_counter() - start
     summary = {**totals(out.done()), "cache_existed": existed, "this_run": _run_stats(ledger, wall, load_s)}
     if info.buckets:  # _cache.json lists the rows per bucket of the complete cache
