@@ -127,6 +127,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:  # noqa: PLR0911 - one bra
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
     if origin is Literal:
+        value = _yaml_bool_as_choice(value, get_args(tp))
         if value not in get_args(tp):
             choices = ", ".join(repr(a) for a in get_args(tp))
             raise ConfigError(f"{where}: must be one of {choices}, got {value!r}")
@@ -145,6 +146,17 @@ def _convert(tp: Any, value: Any, where: str) -> Any:  # noqa: PLR0911 - one bra
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
         return dict(value)
     return _convert_scalar(tp, value, where)
+
+
+# YAML 1.1 reads an unquoted no/off/yes/on as a boolean; where a string choice is spelled that way, it is meant.
+_BOOL_SPELLINGS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _yaml_bool_as_choice(value: Any, choices: tuple) -> Any:
+    if not isinstance(value, bool):
+        return value
+    spelled = [c for c in choices if isinstance(c, str) and c.lower() in _BOOL_SPELLINGS[value]]
+    return spelled[0] if len(spelled) == 1 else value
 
 
 def _convert_scalar(tp: Any, value: Any, where: str) -> Any:

@@ -56,6 +56,18 @@ def sdray_forkserver(tmp_path_factory):
         server.wait(timeout=60)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on a shared 2-core machine two intra-op threads wait on each other's
+    time slices, and small ops crawl."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_components():
     """All five tiny-preset components (random weights, seed 0). Do not mutate."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from serve_fixtures import make_adapter_store
 
@@ -119,14 +118,6 @@ def test_http_layer_chooses_adapters_and_names_problems(store):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "<lora:red> <lora:blue> a cat"})
     assert r.status_code == 422
     assert len(backend.seen) == 4  # refused requests never reach the model
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_pipeline_adapters_equal_generate_lora_and_eviction_frees_them(store, one_thread):

@@ -51,6 +51,17 @@ def test_wrong_type_or_value(override, message):
         load_pipeline_config("tiny", [override])
 
 
+def test_a_choice_spelled_like_a_yaml_boolean_is_the_choice(tmp_path: Path):
+    """YAML 1.1 reads an unquoted `no` as False; `mixed_precision: no` must still mean "no"."""
+    cfg = load_pipeline_config("tiny", ["train.mixed_precision=no", "vae_train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no" and cfg.vae_train.mixed_precision == "no"
+    path = tmp_path / "fp32.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_pipeline_config(str(path)).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision: must be one of .* got True"):
+        load_pipeline_config("tiny", ["train.mixed_precision=yes"])
+
+
 def test_override_syntax_error():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         apply_overrides({}, ["train.learning_rate"])

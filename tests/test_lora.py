@@ -33,13 +33,7 @@ REQ = GenerationRequest(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two intra-op threads on a shared 2-core machine wait on each other's time slices."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_unet(cfg: LoraConfig = LORA, *, seed: int = 5):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -85,14 +84,6 @@ def test_grpc_message_limit_covers_the_largest_answer():
 
 def test_min_replicas_zero_is_allowed():
     assert ServeConfig(min_replicas=0, max_replicas=2).min_replicas == 0
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_sampler.py: 2 threads crawl on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_generate_writes_the_sampler_image(tmp_path, tiny_model_dir, one_thread, capsys):

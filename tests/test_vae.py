@@ -57,15 +57,6 @@ def test_weighted_loss_counts_foreground_errors_more():
     assert weighted["l1"] == pytest.approx(2 * 160 / (3 * (160 + 240)))
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: small ops on a loaded 2-core machine run far slower with two spinning threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_training_steps_improve_reconstruction(one_thread):
     cfg = load_pipeline_config("demo").model
     torch.manual_seed(0)

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from sdray.errors import ConfigError
+from sdray.precision import MixedPrecision
 
 PredictionType = Literal["", "epsilon", "v_prediction"]
-MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 LoraInit = Literal["gaussian", "default"]
 Loader = Literal["auto", "memory", "stream"]
@@ -134,7 +134,8 @@ class TrainConfig:
     """Seed of noise, timesteps, dropout and data order (>= 0); each stream's seed is derived from it, the
     worker's rank and the stream's purpose (sdray/train/seeds.py)."""
     mixed_precision: MixedPrecision = "auto"
-    """Autocast dtype: `auto` = bf16 on GPU, fp32 on CPU; `fp16` uses a gradient scaler; CPU is always fp32."""
+    """Autocast dtype: `auto` = bf16 on GPU, fp32 on CPU; `bf16` on either (on a CPU with native bf16, faster
+    for large models); `fp16` on GPU only, with a gradient scaler (sdray/precision.py)."""
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass (less memory, ~30% slower)."""
     loss: LossConfig = field(default_factory=LossConfig)
@@ -215,6 +216,8 @@ class TrainConfig:
             raise ConfigError(
                 "validate_every must be >= -1; shuffle_buffer, resolution, memory_loader_max_mb >= 0"
             )
+        if self.mixed_precision == "fp16" and not self.use_gpu:
+            raise ConfigError("mixed_precision fp16 needs use_gpu: true (on a CPU use bf16 or no)")
         if self.validate_every >= 0 and not (self.validation_prompts and self.validation_seeds):
             raise ConfigError(
                 "validation needs validation_prompts and validation_seeds (or validate_every: -1)"

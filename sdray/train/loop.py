@@ -30,6 +30,7 @@ from sdray import storage
 from sdray.data.cache import read_empty_caption
 from sdray.data.reader import cache_shards
 from sdray.models.components import load_components
+from sdray.precision import autocast
 from sdray.tracking.steps import WorkerTracking
 from sdray.train import checkpoint, metrics
 from sdray.train.bucket_batcher import BucketStore, bucket_micro_batches
@@ -47,13 +48,6 @@ from sdray.train.seeds import Stream, stream_seed
 from sdray.train.state import StreamPosition, TrainingState, build_state
 
 log = logging.getLogger(__name__)
-
-
-def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 (or fp16) autocast on a GPU; plain fp32 on the CPU, where autocast gains nothing."""
-    if device.type != "cuda" or cfg.mixed_precision == "no":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16)
 
 
 def micro_batches(
@@ -164,7 +158,7 @@ class StepRunner:
             last = micro == cfg.grad_accum_steps - 1
             no_sync = self.model.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
             with no_sync:  # DDP all-reduces gradients only on the last micro-batch
-                with autocast(cfg, self.device):
+                with autocast(cfg.mixed_precision, self.device):
                     loss = self.objective.loss(self.model, self.scheduler, batch, loss_cfg, draw)
                 state.scaler.scale(loss / cfg.grad_accum_steps).backward()
             total += loss.detach() / cfg.grad_accum_steps

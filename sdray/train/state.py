@@ -19,6 +19,7 @@ from diffusers.training_utils import EMAModel, cast_training_params
 from sdray.errors import InputError
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
+from sdray.precision import autocast_dtype
 from sdray.train import lora
 from sdray.train.config import TrainConfig
 from sdray.train.seeds import Stream, stream_seed
@@ -111,22 +112,16 @@ class TrainingState:
                 torch.cuda.set_rng_state(rng["cuda"])
 
 
-def frozen_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """dtype of a LoRA run's frozen UNet weights: the autocast dtype on a GPU, else fp32."""
-    if device.type != "cuda" or cfg.mixed_precision == "no":
-        return torch.float32
-    return torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
-
-
 def _unet(
     cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device
 ) -> tuple[UNet2DConditionModel, list[torch.nn.Parameter]]:
     """The UNet on ``device`` in train mode, and its parameters that train (with LoRA: the adapter's)."""
     unet = load_components(model_cfg, ["unet"]).unet
     if cfg.lora.enabled:
-        # Frozen weights only run forward: half precision on a GPU halves their memory; adapters stay fp32.
-        dtype = frozen_dtype(cfg, device)
-        if dtype != torch.float32:
+        # Frozen weights only run forward: in the autocast dtype they take half the memory and are not cast
+        # again at every step; the adapters stay fp32.
+        dtype = autocast_dtype(cfg.mixed_precision, device)
+        if dtype is not None:
             unet.to(device, dtype=dtype)
         lora.add_adapter(unet, cfg.lora, seed=stream_seed(cfg.seed, Stream.LORA_INIT, 0))
         cast_training_params(unet, dtype=torch.float32)

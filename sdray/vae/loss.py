@@ -65,7 +65,7 @@ def vae_loss(
     diff = recon.float() - images
     l1 = (diff.abs() * weights).mean() / norm
     mse = (diff.pow(2) * weights).mean() / norm
-    kl = kl.mean()
+    kl = kl.float().mean()  # under bf16 autocast the posterior's KL comes back in bf16
     loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.kl_weight * kl
     return loss, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
 

@@ -29,6 +29,7 @@ from sdray.config import from_dict, to_dict
 from sdray.errors import InputError
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
+from sdray.precision import autocast
 from sdray.storage import checkpoint_files, write_text
 from sdray.tracking import run as tracking_run
 from sdray.tracking.config import TrackingConfig
@@ -135,7 +136,8 @@ def _optimizer_step(
     autoencode, images: torch.Tensor, cfg: VaeTrainConfig, generator: torch.Generator, state: VaeTrainState
 ) -> tuple[float, dict[str, float]]:
     """One AdamW step on the (B, 3, R, R) ``images``; returns the loss and its parts."""
-    loss, parts = vae_loss(autoencode, images, cfg, generator)
+    with autocast(cfg.mixed_precision, images.device):
+        loss, parts = vae_loss(autoencode, images, cfg, generator)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()
