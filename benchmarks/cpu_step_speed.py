@@ -1,7 +1,7 @@
 """CPU training-step speed options on the demo's models, each alone and side by side in one process.
 
-    .venv/bin/python benchmarks/cpu_step_speed.py                       # UNet and VAE, 5 rounds
-    .venv/bin/python benchmarks/cpu_step_speed.py --rounds 2 --steps 5  # quick look
+    .venv/bin/python benchmarks/cpu_step_speed.py                       # demo UNet and VAE, sd15 UNet; 5 rounds
+    .venv/bin/python benchmarks/cpu_step_speed.py --rounds 2 --steps 5 --parts unet vae  # quick look
 
 The demo (`pipelines/configs/demo.yaml`) trains a ~1.7M-parameter UNet (2 workers x 1 thread, batch 16 each)
 and a small VAE (1 worker x 2 threads, batch 16). At these sizes a step is hundreds of small kernels, so
@@ -15,8 +15,15 @@ that machine noise hits all alike:
 - `fused`: AdamW(fused=True) (one fused CPU kernel for the update);
 - `channels_last`: the model and its input in channels-last memory format;
 - `compile`: torch.compile of the model (inductor; compile time reported apart);
+- `bf16`: the forward pass and loss under torch.autocast("cpu", dtype=torch.bfloat16) (weights, gradients
+  and optimizer state stay fp32; on a CPU with AMX or AVX512-BF16 oneDNN runs the convolutions and matmuls
+  in bf16);
 - `threads_interop1`: torch.set_num_interop_threads(1) is process-wide, so it is measured as `--interop 1`
   in a separate run rather than here.
+
+The `sd15` part is the sd15 architecture's UNet (860M parameters, random weights) at `--sd15-resolution` px,
+batch 2, 2 threads: one model serves every option there (two copies with AdamW state do not fit in 24 GiB), so
+it compares precision only (`baseline` and `bf16`), without EMA.
 
 The UNet step is sdray's own (`sdray.train.loss`: v-prediction, zero terminal SNR, caption dropout); the VAE
 step is `sdray.vae.loss.vae_loss`. Results: benchmarks/results/cpu_step_speed.{json,md} (the machine, load
@@ -38,18 +45,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.training_utils import EMAModel
 
 from sdray.data import cache
 from sdray.models.components import load_components
+from sdray.models.config import ModelConfig
 from sdray.pipeline_config import load_pipeline_config
+from sdray.precision import autocast, cpu_has_native_bf16
+from sdray.train.config import TrainConfig
 from sdray.train.loss import diffusion_loss, draw_noise, prepare_batch
 from sdray.vae.loss import Autoencode, vae_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OPTIONS = ("baseline", "foreach", "fused", "channels_last", "compile")
+OPTIONS = ("baseline", "foreach", "fused", "channels_last", "compile", "bf16")
+SD15_OPTIONS = ("baseline", "bf16")  # the options that leave weights and optimizer alone (sd15_variants)
 
 
 @dataclass
@@ -66,6 +78,11 @@ def _optimizer(params, option: str, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, **extra)
 
 
+def _precision(option: str):
+    """sdray's autocast for the `bf16` option (train.mixed_precision: bf16), fp32 otherwise."""
+    return autocast("bf16" if option == "bf16" else "no", torch.device("cpu"))
+
+
 def _prepare(model: torch.nn.Module, option: str) -> torch.nn.Module:
     if option == "channels_last":
         model = model.to(memory_format=torch.channels_last)
@@ -74,27 +91,29 @@ def _prepare(model: torch.nn.Module, option: str) -> torch.nn.Module:
     return model
 
 
-def unet_variants(cfg, parts, batch: int, options: tuple[str, ...]) -> list[Variant]:
-    """The demo's UNet step (loss, backward, clip, AdamW, EMA) per option, on the same cached batch."""
-    train = cfg.train
+def _batch_maker(parts, loss_cfg, batch: int, latent_side: int) -> Callable[[torch.Generator], Any]:
+    """A function that turns one fixed random (cached-format) batch into a training batch, as the loop does."""
     info = cache.CacheInfo(
         vae_scaling_factor=parts.vae_scaling_factor,
         encoder_fingerprint="",
-        resolution=64,
-        latent_shape=(4, 16, 16),
+        resolution=latent_side * parts.vae_downsample,
+        latent_shape=(4, latent_side, latent_side),
         text_embeds_shape=(77, parts.text_embed_dim),
     )
     gen = torch.Generator().manual_seed(0)
     raw = {
-        cache.LATENT: torch.randn(batch, 4 * 16 * 16, generator=gen).half(),
+        cache.LATENT: torch.randn(batch, 4 * latent_side**2, generator=gen).half(),
         cache.TEXT_EMBEDS: torch.randn(batch, 77 * parts.text_embed_dim, generator=gen).half(),
     }
     empty = torch.zeros(info.text_embeds_shape)
+    return lambda generator: prepare_batch(raw, info, empty, loss_cfg, generator)
+
+
+def unet_variants(cfg, parts, batch: int, options: tuple[str, ...]) -> list[Variant]:
+    """The demo's UNet step (loss, backward, clip, AdamW, EMA) per option, on the same cached batch."""
+    train = cfg.train
     loss_cfg = train.loss.resolve(parts.scheduler.config)
-
-    def make_batch(generator: torch.Generator):
-        return prepare_batch(raw, info, empty, loss_cfg, generator)
-
+    make_batch = _batch_maker(parts, loss_cfg, batch, latent_side=16)
     variants = []
     for option in options:
         unet = copy.deepcopy(parts.unet).train()
@@ -109,6 +128,25 @@ def unet_variants(cfg, parts, batch: int, options: tuple[str, ...]) -> list[Vari
     return variants
 
 
+def sd15_variants(batch: int, resolution: int, options: tuple[str, ...]) -> list[Variant]:
+    """The sd15 UNet's step (860M parameters; loss, backward, clip, AdamW) at ``resolution`` px per precision
+    option. One model and optimizer serve every option: a second copy with its AdamW state would not fit in
+    24 GiB, so only options that change no weights or optimizer (`bf16`) are compared, and there is no EMA."""
+    parts = load_components(ModelConfig(preset="sd15"), ["unet", "vae", "text_encoder", "scheduler"])
+    loss_cfg = TrainConfig().loss.resolve(parts.scheduler.config)
+    make_batch = _batch_maker(parts, loss_cfg, batch, latent_side=resolution // parts.vae_downsample)
+    unet = parts.unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, "baseline", 1e-5)
+    variants = []
+    for option in options:
+        step = _unet_step(unet, params, optimizer, None, option, make_batch, parts.scheduler, loss_cfg)
+        start = time.perf_counter()
+        step()
+        variants.append(Variant(option, step, time.perf_counter() - start))
+    return variants
+
+
 def _unet_step(
     model, params, optimizer, ema, option: str, make_batch, scheduler, loss_cfg
 ) -> Callable[[], float]:
@@ -119,14 +157,15 @@ def _unet_step(
         b = make_batch(generator)
         if option == "channels_last":
             b = type(b)(**{**vars(b), "latents": b.latents.contiguous(memory_format=torch.channels_last)})
-        loss = diffusion_loss(
-            model, scheduler, b, loss_cfg, draw_noise(b.latents, scheduler, loss_cfg, generator)
-        )
+        noise = draw_noise(b.latents, scheduler, loss_cfg, generator)
+        with _precision(option):
+            loss = diffusion_loss(model, scheduler, b, loss_cfg, noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True if option == "foreach" else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.step(params)
+        if ema is not None:
+            ema.step(params)
         return loss.item()
 
     return step
@@ -144,8 +183,9 @@ def vae_variants(cfg, parts, batch: int, options: tuple[str, ...]) -> list[Varia
         generator = torch.Generator().manual_seed(1)
         x = images.contiguous(memory_format=torch.channels_last) if option == "channels_last" else images
 
-        def step(model=model, optimizer=optimizer, generator=generator, x=x):
-            loss, _ = vae_loss(model, x, vae_cfg, generator)
+        def step(model=model, optimizer=optimizer, generator=generator, x=x, option=option):
+            with _precision(option):
+                loss, _ = vae_loss(model, x, vae_cfg, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -181,16 +221,20 @@ def time_rounds(variants: list[Variant], rounds: int, steps: int) -> dict[str, d
 
 def markdown(result: dict) -> str:
     lines = [
-        f"# CPU training-step options on the demo's models ({result['date']})",
+        f"# CPU training-step options on the demo's models and the sd15 UNet ({result['date']})",
         "",
         f"{result['machine']}; load average {result['load_average_at_start'][0]:.2f} at start, "
         f"{result['load_average_at_end'][0]:.2f} at end; {result['rounds']} alternating rounds of "
-        f"{result['steps']} steps, median. `{result['command']}`",
+        f"{result['steps']} steps ({result.get('sd15_steps', '-')} for sd15), median. "
+        f"`{result['command']}`",
+        "",
+        f"Batch a step: {result['batch']}; sd15 at {result.get('sd15_resolution', '-')} px. "
+        f"CPU native bf16 (AVX512-BF16/AMX): {result.get('cpu_native_bf16')}.",
         "",
         "| model | threads | option | s / step | speedup vs baseline | first step s |",
         "|---|---|---|---|---|---|",
     ]
-    for part in ("unet", "vae"):
+    for part in ("unet", "vae", "sd15"):
         for name, r in result.get(part, {}).items():
             lines.append(
                 f"| {part} | {result['threads'][part]} | {name} | {r['s_per_step']} | {r['speedup']}x "
@@ -206,7 +250,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=OPTIONS)
-    parser.add_argument("--parts", nargs="+", default=["unet", "vae"], choices=["unet", "vae"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["unet", "vae", "sd15"], choices=["unet", "vae", "sd15"]
+    )
+    parser.add_argument(
+        "--sd15-steps", type=int, default=2, help="steps per variant per round of the sd15 part"
+    )
+    parser.add_argument("--sd15-resolution", type=int, default=256, help="pixels of the sd15 part's images")
     parser.add_argument("--interop", type=int, default=0, help="torch interop threads (0: torch's default)")
     parser.add_argument("--out", default="cpu_step_speed", help="results file stem under benchmarks/results")
     args = parser.parse_args()
@@ -223,16 +273,24 @@ def main() -> None:
         "load_average_at_start": os.getloadavg(),
         "rounds": args.rounds,
         "steps": args.steps,
+        "sd15_steps": args.sd15_steps,
         "interop_threads": torch.get_num_interop_threads(),
-        "threads": {"unet": cfg.train.torch_threads, "vae": cfg.vae_train.threads_per_worker},
-        "batch": {"unet": cfg.train.batch_size, "vae": cfg.vae_train.batch_size},
+        "threads": {"unet": cfg.train.torch_threads, "vae": cfg.vae_train.threads_per_worker, "sd15": 2},
+        "batch": {"unet": cfg.train.batch_size, "vae": cfg.vae_train.batch_size, "sd15": 2},
+        "sd15_resolution": args.sd15_resolution,
+        "cpu_native_bf16": cpu_has_native_bf16(),
     }
     for part in args.parts:
         threads = result["threads"][part]
         torch.set_num_threads(threads)
-        build = unet_variants if part == "unet" else vae_variants
-        variants = build(cfg, parts, result["batch"][part], options)
-        result[part] = time_rounds(variants, args.rounds, args.steps)
+        if part == "sd15":
+            precision_only = tuple(o for o in options if o in SD15_OPTIONS)
+            variants = sd15_variants(result["batch"][part], args.sd15_resolution, precision_only)
+        else:
+            build = unet_variants if part == "unet" else vae_variants
+            variants = build(cfg, parts, result["batch"][part], options)
+        steps = args.sd15_steps if part == "sd15" else args.steps
+        result[part] = time_rounds(variants, args.rounds, steps)
         print(json.dumps({part: result[part]}, indent=2), flush=True)
     result["load_average_at_end"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
