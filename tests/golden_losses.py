@@ -21,4 +21,7 @@ def assert_golden(golden: Path, rows: list[dict], steps: list[int]) -> None:
         golden.write_text("".join(f"{r['step']} {r['loss']!r}\n" for r in rows))
     expected = [line.split() for line in golden.read_text().splitlines()]
     assert [int(s) for s, _ in expected] == [r["step"] for r in rows] == steps
-    assert [r["loss"] for r in rows] == pytest.approx([float(v) for _, v in expected], rel=1e-6, abs=0)
+    # fp32 on another CPU model (other kernels, other summation order) drifts by up to 1.4e-6 relative over 16
+    # steps (an AMX Xeon on 2026-12-04 against the goldens recorded 2026-12-02); any change to the objective,
+    # data order or seeds moves the losses by > 1e-4.
+    assert [r["loss"] for r in rows] == pytest.approx([float(v) for _, v in expected], rel=3e-6, abs=0)
