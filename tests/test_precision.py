@@ -4,19 +4,26 @@ on the CPU for the VAE step and a LoRA run's frozen weights, and the settings th
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
+from cache_fixtures import TINY_INFO
+from vae_fixtures import demo_vae_and_squares, psnr_gain
 
 from sdray import precision
+from sdray.data import cache
 from sdray.errors import ConfigError
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
 from sdray.pipeline_config import load_pipeline_config
-from sdray.train.config import LoraConfig, TrainConfig
+from sdray.train.checkpoint import RunSpec
+from sdray.train.config import LoraConfig, LossConfig, TrainConfig
+from sdray.train.loop import StepRunner, make_objective
 from sdray.train.state import build_state
 from sdray.vae.config import VaeTrainConfig
-from sdray.vae.loss import Autoencode, psnr, reconstruct, vae_loss
+from sdray.vae.loss import Autoencode
+from sdray.vae.train import VaeTrainState, optimizer_step
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")  # only the device type is read: no GPU needed
 
@@ -63,28 +70,64 @@ def test_autocast_runs_matmuls_in_the_chosen_dtype(native_bf16):
         assert layer(x).dtype == torch.float32
 
 
-def test_the_vae_trains_under_bf16_with_fp32_weights_loss_and_gradients(native_bf16, one_thread):
-    torch.manual_seed(0)
-    vae = load_components(load_pipeline_config("demo").model, ["vae"]).vae.train()
-    images = -torch.ones(4, 3, 32, 32)
-    for i in range(4):
-        images[i, i % 3, 4 + 4 * i : 14 + 4 * i, 5:15] = 1.0
-    before = psnr(reconstruct(vae.eval(), images), images).mean().item()
-    vae.train()
-    autoencode, cfg = Autoencode(vae), VaeTrainConfig(foreground_weight=10.0, mixed_precision="bf16")
+def _output_dtypes(module: torch.nn.Module) -> list[torch.dtype]:
+    """The dtype of each output ``module`` computes from now on (a forward hook)."""
+    seen: list[torch.dtype] = []
+    module.register_forward_hook(lambda _module, _args, out: seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize(("mode", "dtype"), [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_the_vae_step_trains_in_the_configured_precision(native_bf16, one_thread, mode, dtype):
+    vae, images = demo_vae_and_squares()
+    cfg = VaeTrainConfig(foreground_weight=10.0, mixed_precision=mode)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
-    with precision.autocast(cfg.mixed_precision, CPU):
-        assert autoencode(images)[0].dtype == torch.bfloat16
-    for _ in range(30):
-        with precision.autocast(cfg.mixed_precision, CPU):
-            loss, _ = vae_loss(autoencode, images, cfg)
-        assert loss.dtype == torch.float32
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in vae.parameters())
-    after = psnr(reconstruct(vae.eval(), images), images).mean().item()
-    assert after > before + 3, (before, after)
+    state = VaeTrainState(vae, optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0))
+    autoencode, generator, losses = Autoencode(vae), torch.Generator().manual_seed(0), []
+    decoded = _output_dtypes(vae.decoder.conv_out)
+
+    def step() -> None:
+        losses.append(optimizer_step(autoencode, images, cfg, generator, state)[0])
+
+    gain = psnr_gain(vae, images, step)
+    # PSNR before, 30 training steps, PSNR after: only the steps run under autocast
+    assert decoded == [torch.float32, *[dtype] * 30, torch.float32]
+    assert all(p.dtype == torch.float32 for p in vae.parameters())
+    assert all(math.isfinite(loss) for loss in losses) and gain > 3, (losses[-1], gain)
+
+
+@pytest.mark.parametrize(("mode", "dtype"), [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_the_unet_step_trains_in_the_configured_precision(native_bf16, mode, dtype):
+    cfg = TrainConfig(mixed_precision=mode, loss=LossConfig(prediction_type="epsilon"))
+    spec = RunSpec(train=cfg, model=ModelConfig(), info=TINY_INFO)
+    state = build_state(cfg, spec.model, CPU, rank=0)
+    scheduler = load_components(spec.model, ["scheduler"]).scheduler
+    empty = torch.zeros(TINY_INFO.text_embeds_shape)
+    objective = make_objective(spec, empty, cfg.loss)
+    runner = StepRunner(spec, state, state.unet, scheduler, empty, CPU, 1, objective)
+    predicted = _output_dtypes(state.unet.conv_out)
+    before = [p.detach().clone() for p in state.params]
+
+    loss, grad_norm, _ = runner.step(iter([_cached_batch(cfg.batch_size)]))
+
+    assert predicted == [dtype]
+    assert math.isfinite(loss) and grad_norm > 0
+    assert all(p.dtype == torch.float32 for p in state.params)
+    assert any(not torch.equal(a, b) for a, b in zip(before, state.params, strict=True))
+
+
+def _cached_batch(rows: int) -> dict[str, torch.Tensor]:
+    """A micro-batch as the cache reader yields it: flat fp16 latents, their std and text embeddings."""
+    g, latent, text = (
+        torch.Generator().manual_seed(0),
+        math.prod(TINY_INFO.latent_shape),
+        TINY_INFO.text_embeds_shape,
+    )
+    return {
+        cache.LATENT: torch.randn(rows, latent, generator=g).half(),
+        cache.LATENT_STD: (torch.rand(rows, latent, generator=g) * 0.1).half(),
+        cache.TEXT_EMBEDS: torch.randn(rows, math.prod(text), generator=g).half(),
+    }
 
 
 def test_a_lora_run_keeps_frozen_weights_in_the_autocast_dtype(native_bf16):

@@ -165,6 +165,27 @@ def test_truncated_checkpoint_is_named_in_the_error(baseline, train_cache, tmp_p
     assert not (tmp_path / "m").exists()
 
 
+def test_adamw_is_fused_by_default_and_updates_like_the_loop():
+    from sdray.train.state import build_state
+
+    cpu = torch.device("cpu")
+    states = {
+        f: build_state(TrainConfig(fused_adamw=f, ema=False), ModelConfig(), cpu, 0) for f in (True, False)
+    }
+    assert states[True].optimizer.defaults["fused"] is True and not states[False].optimizer.defaults["fused"]
+    start = [p.detach().clone() for p in states[True].params]
+    for state in states.values():
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for p in state.params:
+                p.grad = torch.randn(p.shape, generator=g)
+            state.optimizer.step()
+    fused, loop = states[True].params, states[False].params
+    assert all(not torch.equal(a, b) for a, b in zip(start, fused, strict=True))
+    for a, b in zip(fused, loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def _checkpoint_registered(out: Path) -> bool:
     """Ray Train has recorded a checkpoint in its run snapshot (a resume will find it)."""
     snapshot = out / "ray" / "train" / "checkpoint_manager_snapshot.json"

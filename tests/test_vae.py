@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from vae_fixtures import demo_vae_and_squares, psnr_gain
 
 from sdray.errors import ConfigError
 from sdray.models.components import load_components
 from sdray.pipeline_config import load_pipeline_config
 from sdray.vae.config import VaeTrainConfig
 from sdray.vae.data import decode_image, in_holdout, to_model_input
-from sdray.vae.loss import Autoencode, foreground_weights, psnr, reconstruct, vae_loss
+from sdray.vae.loss import Autoencode, foreground_weights, psnr, vae_loss
 
 
 def test_psnr_known_values():
@@ -58,23 +59,18 @@ def test_weighted_loss_counts_foreground_errors_more():
 
 
 def test_training_steps_improve_reconstruction(one_thread):
-    cfg = load_pipeline_config("demo").model
-    torch.manual_seed(0)
-    vae = load_components(cfg, ["vae"]).vae.train()
-    images = -torch.ones(4, 3, 32, 32)  # 32px keeps the test fast; the architecture is size-agnostic
-    for i in range(4):
-        images[i, i % 3, 4 + 4 * i : 14 + 4 * i, 5:15] = 1.0
-    before = psnr(reconstruct(vae.eval(), images), images).mean().item()
-    vae.train()
+    vae, images = demo_vae_and_squares()
     autoencode, train_cfg = Autoencode(vae), VaeTrainConfig(foreground_weight=10.0)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
-    for _ in range(30):
+
+    def step() -> None:
         loss, _ = vae_loss(autoencode, images, train_cfg)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    after = psnr(reconstruct(vae.eval(), images), images).mean().item()
-    assert after > before + 3, (before, after)
+
+    gain = psnr_gain(vae, images, step)
+    assert gain > 3, gain
 
 
 def _png(width: int, height: int) -> bytes:

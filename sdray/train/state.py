@@ -137,7 +137,11 @@ def build_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, 
     torch.manual_seed(stream_seed(cfg.seed, Stream.GLOBAL, rank))  # dropout, if the UNet has any
     unet, params = _unet(cfg, model_cfg, device)
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
+        params,
+        lr=cfg.learning_rate,
+        betas=cfg.adam_betas,
+        weight_decay=cfg.weight_decay,
+        fused=cfg.fused_adamw or None,  # None: torch picks (the per-parameter loop on a CPU)
     )
     lr_scheduler = get_scheduler(
         cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps

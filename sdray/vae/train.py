@@ -132,7 +132,7 @@ def _report(state: VaeTrainState, metrics: dict, *, rank: int) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
-def _optimizer_step(
+def optimizer_step(
     autoencode, images: torch.Tensor, cfg: VaeTrainConfig, generator: torch.Generator, state: VaeTrainState
 ) -> tuple[float, dict[str, float]]:
     """One AdamW step on the (B, 3, R, R) ``images``; returns the loss and its parts."""
@@ -187,7 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
     sums, seen, started = {"loss": 0.0, "l1": 0.0, "mse": 0.0, "kl": 0.0}, 0, time.perf_counter()
     while state.step < cfg.max_steps:
         images = next(batches)  # (B, 3, R, R)
-        loss, parts = _optimizer_step(autoencode, images, cfg, generator, state)
+        loss, parts = optimizer_step(autoencode, images, cfg, generator, state)
         state.step += 1
         for key, value in {"loss": loss, **parts}.items():
             sums[key] += value
