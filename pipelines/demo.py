@@ -1,6 +1,6 @@
 """The end-to-end demo: synthetic scenes -> VAE -> latents (Ray Data) -> UNet (Ray Train) -> samples -> report.
 
-sdray demo                       # full run into runs/demo (about 15 minutes on an idle 2-core CPU)
+sdray demo                       # full run into runs/demo (11-12 minutes on an idle 2-core CPU)
 sdray demo --quick --out runs/demo-quick   # 1-2 minute smoke run (tiny step counts, small data)
 sdray demo --overwrite           # replace an existing run directory (otherwise it is refused)
     Stage sizes come from --config (default `demo`, see pipelines/configs/demo.yaml) and --set overrides.

@@ -69,6 +69,21 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_staged_directory_replaces_the_target_only_when_complete(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), storage.staged_dir(str(target)) as staged:
+        (staged / "half.txt").write_text("half")
+        raise RuntimeError("killed while writing")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the old export, and no staging left behind
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    with storage.staged_dir(str(target)) as staged:
+        assert staged.parent == tmp_path  # beside the target: renamed into place, not copied
+        (staged / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
 def test_bad_uri_is_an_input_error():
     with pytest.raises(InputError, match="cannot open 'nosuch://x'"):
         storage.resolve("nosuch://x")

@@ -165,6 +165,31 @@ def test_truncated_checkpoint_is_named_in_the_error(baseline, train_cache, tmp_p
     assert not (tmp_path / "m").exists()
 
 
+def test_a_checkpoint_on_the_local_disk_is_renamed_into_the_run_not_copied(ray_session, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def write_and_note_inode(out: Path) -> None:
+        (out / "weights.bin").write_bytes(bytes(1000))
+        (out / "inode.txt").write_text(str((out / "weights.bin").stat().st_ino))
+
+    def report_one_checkpoint() -> None:  # defined here: the worker cannot import this test module
+        from sdray import storage
+
+        storage.report_checkpoint({"step": 1}, write_and_note_inode, "checkpoint-step-00000001")
+
+    run = RunConfig(name="train", storage_path=str(tmp_path))
+    result = TorchTrainer(
+        report_one_checkpoint, scaling_config=ScalingConfig(num_workers=1), run_config=run
+    ).fit()
+
+    saved = Path(result.checkpoint.path)
+    assert saved == tmp_path / "train" / "checkpoint-step-00000001"
+    assert (saved / "weights.bin").read_bytes() == bytes(1000)
+    assert (saved / "weights.bin").stat().st_ino == int((saved / "inode.txt").read_text())  # the same file
+    assert not list((tmp_path / "train").glob(".sdray-checkpoint-*"))  # the staging folder is gone
+
+
 def test_adamw_is_fused_by_default_and_updates_like_the_loop():
     from sdray.train.state import build_state
 

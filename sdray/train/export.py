@@ -10,7 +10,6 @@ tokenizer, text encoder, VAE and a noise scheduler whose prediction type matches
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -46,7 +45,7 @@ def export_checkpoint(
         return export_lora(spec, state, out_uri, use_ema=use_ema, origin=str(checkpoint_dir))
     components = load_components(spec.model, (*FROZEN_PARTS, "unet"))
     unet: UNet2DConditionModel = components.unet
-    unet.load_state_dict(state["unet"])
+    unet.load_state_dict(state["unet"], assign=True)  # the checkpoint's (memory-mapped) tensors, not a copy
     if use_ema and state["ema"] is not None:
         ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
         ema.load_state_dict(state["ema"])
@@ -54,11 +53,10 @@ def export_checkpoint(
     components.scheduler = DDPMScheduler.from_config(
         components.scheduler.config, prediction_type=spec.train.loss.prediction_type
     )
-    with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp:
-        local = save_components(components, Path(tmp) / "model")
-        info = {"step": state["step"], "weights": "ema" if use_ema and state["ema"] is not None else "raw"}
-        (local / TRAIN_INFO_FILE).write_text(yaml.safe_dump({**info, **spec.to_dict()}, sort_keys=False))
-        storage.publish_dir(str(local), out_uri)
+    info = {"step": state["step"], "weights": "ema" if use_ema and state["ema"] is not None else "raw"}
+    with storage.staged_dir(out_uri) as staged:
+        save_components(components, staged)
+        (staged / TRAIN_INFO_FILE).write_text(yaml.safe_dump({**info, **spec.to_dict()}, sort_keys=False))
     log.info("exported step %d (%s weights) to %s", state["step"], info["weights"], out_uri)
     return out_uri
 
@@ -85,10 +83,9 @@ def export_lora(
         "trainable_parameters": sum(p.numel() for p in params),
         **spec.to_dict(),
     }
-    with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp:
-        local = lora.save_lora_dir(unet, Path(tmp), kohya=spec.train.lora.kohya)
-        (local / lora_files.INFO_FILE).write_text(yaml.safe_dump(info, sort_keys=False))
-        storage.publish_dir(str(local), out_uri)
+    with storage.staged_dir(out_uri) as staged:
+        lora.save_lora_dir(unet, staged, kohya=spec.train.lora.kohya)
+        (staged / lora_files.INFO_FILE).write_text(yaml.safe_dump(info, sort_keys=False))
     log.info(
         "exported the LoRA adapter of step %d (%s weights) to %s", state["step"], info["weights"], out_uri
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import ray.train
 import torch
 import yaml
 from diffusers.optimization import get_scheduler
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
 from sdray.cluster import ensure_ray, export_train_settings
@@ -30,7 +29,7 @@ from sdray.errors import InputError
 from sdray.models.components import load_components
 from sdray.models.config import ModelConfig
 from sdray.precision import autocast
-from sdray.storage import checkpoint_files, write_text
+from sdray.storage import checkpoint_files, report_checkpoint, write_text
 from sdray.tracking import run as tracking_run
 from sdray.tracking.config import TrackingConfig
 from sdray.tracking.steps import WorkerTracking
@@ -127,9 +126,7 @@ def _report(state: VaeTrainState, metrics: dict, *, rank: int) -> None:
     if rank != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(state.state_dict(), Path(tmp) / STATE_FILE)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    report_checkpoint(metrics, lambda out: torch.save(state.state_dict(), out / STATE_FILE))
 
 
 def optimizer_step(
