@@ -9,10 +9,10 @@ per-tensor Python work (AdamW's loop over parameters, EMA, gradient clipping) is
 each applied alone to a copy of the same model (same weights, same batch) and timed in alternating rounds so
 that machine noise hits all alike:
 
-- `baseline`: what sdray does today (AdamW's default, which on CPU is the per-parameter loop; EMA and
-  clipping per tensor);
+- `baseline`: torch's default AdamW, which on CPU is the per-parameter loop (sdray's before
+  `train.fused_adamw`); EMA and clipping per tensor;
 - `foreach`: AdamW(foreach=True), EMAModel(foreach=True), clip_grad_norm_(foreach=True) (multi-tensor ops);
-- `fused`: AdamW(fused=True) (one fused CPU kernel for the update);
+- `fused`: AdamW(fused=True) (one fused CPU kernel for the update; sdray's default since 2026-12-04);
 - `channels_last`: the model and its input in channels-last memory format;
 - `compile`: torch.compile of the model (inductor; compile time reported apart);
 - `bf16`: the forward pass and loss under torch.autocast("cpu", dtype=torch.bfloat16) (weights, gradients
@@ -23,7 +23,9 @@ that machine noise hits all alike:
 
 The `sd15` part is the sd15 architecture's UNet (860M parameters, random weights) at `--sd15-resolution` px,
 batch 2, 2 threads: one model serves every option there (two copies with AdamW state do not fit in 24 GiB), so
-it compares precision only (`baseline` and `bf16`), without EMA.
+it compares precision only (`baseline` and `bf16`), without EMA. The `sd15_adamw` part times the AdamW update
+alone (clipping included) over the same 860M parameters: `baseline` (torch's default, the per-parameter loop
+on a CPU) against `fused` (sdray's `train.fused_adamw`), one optimizer at a time.
 
 The UNet step is sdray's own (`sdray.train.loss`: v-prediction, zero terminal SNR, caption dropout); the VAE
 step is `sdray.vae.loss.vae_loss`. Results: benchmarks/results/cpu_step_speed.{json,md} (the machine, load
@@ -61,6 +63,7 @@ from sdray.vae.loss import Autoencode, vae_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OPTIONS = ("baseline", "foreach", "fused", "channels_last", "compile", "bf16")
+PARTS = ("unet", "vae", "sd15", "sd15_adamw")
 SD15_OPTIONS = ("baseline", "bf16")  # the options that leave weights and optimizer alone (sd15_variants)
 
 
@@ -145,6 +148,44 @@ def sd15_variants(batch: int, resolution: int, options: tuple[str, ...]) -> list
         step()
         variants.append(Variant(option, step, time.perf_counter() - start))
     return variants
+
+
+def sd15_adamw_rounds(rounds: int, steps: int) -> dict[str, dict]:
+    """The AdamW update alone over the sd15 UNet's 860M parameters (random gradients, clipping included):
+    torch's default (the per-parameter loop on a CPU) against the fused kernel (`train.fused_adamw`).
+
+    Two optimizers' state (6.9 GB each) do not fit beside the model in 24 GiB, so each round builds one
+    optimizer per implementation in turn, takes one untimed first step (it allocates the state), times
+    ``steps`` steps and frees it. Reported like `time_rounds`; `first_step_s` is the median first step.
+    """
+    unet = load_components(ModelConfig(preset="sd15"), ["unet"]).unet
+    params = list(unet.parameters())
+    generator = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+    per_step: dict[str, list[float]] = {"baseline": [], "fused": []}
+    first: dict[str, list[float]] = {"baseline": [], "fused": []}
+    for _ in range(rounds):
+        for name in per_step:
+            optimizer = _optimizer(params, name, 1e-5)
+            for timings, count in ((first[name], 1), (per_step[name], steps)):
+                start = time.perf_counter()
+                for _ in range(count):
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    optimizer.step()
+                timings.append((time.perf_counter() - start) / count)
+            del optimizer
+    base = statistics.median(per_step["baseline"])
+    return {
+        name: {
+            "s_per_step": round(statistics.median(t), 5),
+            "min_s": round(min(t), 5),
+            "max_s": round(max(t), 5),
+            "speedup": round(base / statistics.median(t), 3),
+            "first_step_s": round(statistics.median(first[name]), 2),
+        }
+        for name, t in per_step.items()
+    }
 
 
 def _unet_step(
@@ -234,7 +275,7 @@ def markdown(result: dict) -> str:
         "| model | threads | option | s / step | speedup vs baseline | first step s |",
         "|---|---|---|---|---|---|",
     ]
-    for part in ("unet", "vae", "sd15"):
+    for part in PARTS:
         for name, r in result.get(part, {}).items():
             lines.append(
                 f"| {part} | {result['threads'][part]} | {name} | {r['s_per_step']} | {r['speedup']}x "
@@ -250,9 +291,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=OPTIONS)
-    parser.add_argument(
-        "--parts", nargs="+", default=["unet", "vae", "sd15"], choices=["unet", "vae", "sd15"]
-    )
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument(
         "--sd15-steps", type=int, default=2, help="steps per variant per round of the sd15 part"
     )
@@ -275,7 +314,12 @@ def main() -> None:
         "steps": args.steps,
         "sd15_steps": args.sd15_steps,
         "interop_threads": torch.get_num_interop_threads(),
-        "threads": {"unet": cfg.train.torch_threads, "vae": cfg.vae_train.threads_per_worker, "sd15": 2},
+        "threads": {
+            "unet": cfg.train.torch_threads,
+            "vae": cfg.vae_train.threads_per_worker,
+            "sd15": 2,
+            "sd15_adamw": 2,
+        },
         "batch": {"unet": cfg.train.batch_size, "vae": cfg.vae_train.batch_size, "sd15": 2},
         "sd15_resolution": args.sd15_resolution,
         "cpu_native_bf16": cpu_has_native_bf16(),
@@ -283,6 +327,10 @@ def main() -> None:
     for part in args.parts:
         threads = result["threads"][part]
         torch.set_num_threads(threads)
+        if part == "sd15_adamw":
+            result[part] = sd15_adamw_rounds(args.rounds, args.sd15_steps)
+            print(json.dumps({part: result[part]}, indent=2), flush=True)
+            continue
         if part == "sd15":
             precision_only = tuple(o for o in options if o in SD15_OPTIONS)
             variants = sd15_variants(result["batch"][part], args.sd15_resolution, precision_only)

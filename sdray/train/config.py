@@ -125,7 +125,8 @@ class TrainConfig:
     fused_adamw: bool = True
     """AdamW's fused kernel (`torch.optim.AdamW(fused=True)`, CPU or GPU): one pass over the weights per update
     instead of a loop over parameters. Same algorithm, rounding differences only; the sd15 UNet's update on 2
-    CPU cores takes 0.5 s instead of 2.5-3 s (its first 1.5-3 s instead of 5-31 s). `false`: torch's default."""
+    CPU cores, clipping included, takes 0.88 s instead of 3.68 s (benchmarks/results/
+    cpu_step_speed_sd15_adamw.md). `false`: torch's default (the per-parameter loop on a CPU)."""
     lr_schedule: LrSchedule = "constant_with_warmup"
     """diffusers `get_scheduler` name."""
     warmup_steps: int = 0
