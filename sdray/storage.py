@@ -331,15 +331,36 @@ def report_checkpoint(metrics: dict, write: Callable[[Path], None], name: str | 
             os.replace(file, target / file.name)
         return ray.train.Checkpoint(str(target), filesystem=run.storage_filesystem)
 
-    beside = run.experiment_fs_path if local else None
-    with tempfile.TemporaryDirectory(prefix=".sdray-checkpoint-", dir=beside) as tmp:
-        write(Path(tmp))
+    with _checkpoint_staging(run.experiment_fs_path if local else None) as staging:
+        write(staging)
         ray.train.report(
             metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
             checkpoint_dir_name=name,
             checkpoint_upload_fn=rename_into_storage if local else None,
         )
+
+
+@contextlib.contextmanager
+def _checkpoint_staging(run_dir: str | None) -> Iterator[Path]:
+    """An empty folder to write this worker's share of a checkpoint in, removed afterwards.
+
+    In ``run_dir`` it is ``.sdray-checkpoint-rank{R}``: one per rank, so a worker killed while writing leaves at
+    most one, which the rank's next checkpoint clears. Without ``run_dir``: a temporary directory.
+    """
+    if run_dir is None:
+        with tempfile.TemporaryDirectory(prefix="sdray-checkpoint-") as tmp:
+            yield Path(tmp)
+        return
+    import ray.train
+
+    staging = Path(run_dir) / f".sdray-checkpoint-rank{ray.train.get_context().get_world_rank()}"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a worker of an earlier attempt killed while writing
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def local_copy(uri: str) -> str:

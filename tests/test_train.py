@@ -178,6 +178,9 @@ def test_a_checkpoint_on_the_local_disk_is_renamed_into_the_run_not_copied(ray_s
 
         storage.report_checkpoint({"step": 1}, write_and_note_inode, "checkpoint-step-00000001")
 
+    stale = tmp_path / "train" / ".sdray-checkpoint-rank0"  # as a worker killed while writing leaves it
+    stale.mkdir(parents=True)
+    (stale / "training_state.pt").write_bytes(b"half")
     run = RunConfig(name="train", storage_path=str(tmp_path))
     result = TorchTrainer(
         report_one_checkpoint, scaling_config=ScalingConfig(num_workers=1), run_config=run
@@ -187,6 +190,7 @@ def test_a_checkpoint_on_the_local_disk_is_renamed_into_the_run_not_copied(ray_s
     assert saved == tmp_path / "train" / "checkpoint-step-00000001"
     assert (saved / "weights.bin").read_bytes() == bytes(1000)
     assert (saved / "weights.bin").stat().st_ino == int((saved / "inode.txt").read_text())  # the same file
+    assert {p.name for p in saved.iterdir()} == {"weights.bin", "inode.txt"}  # nothing of the stale write
     assert not list((tmp_path / "train").glob(".sdray-checkpoint-*"))  # the staging folder is gone
 
 
