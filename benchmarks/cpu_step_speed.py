@@ -18,12 +18,18 @@ that machine noise hits all alike:
 - `bf16`: the forward pass and loss under torch.autocast("cpu", dtype=torch.bfloat16) (weights, gradients
   and optimizer state stay fp32; on a CPU with AMX or AVX512-BF16 oneDNN runs the convolutions and matmuls
   in bf16);
+- `kept_grads`: gradients zeroed in place after each step (`optimizer.zero_grad(set_to_none=False)`) instead of
+  freed (torch's default, sdray's and diffusers' scripts'). Not adopted: on the sd15 UNet at 256 px it was
+  0.85x (results/cpu_step_speed_sd15_grads.md): autograd still makes each step's gradient as a new tensor and
+  then adds it into the kept one, one more pass over 3.4 GB, so keeping them saves no allocation;
 - `threads_interop1`: torch.set_num_interop_threads(1) is process-wide, so it is measured as `--interop 1`
   in a separate run rather than here.
 
 The `sd15` part is the sd15 architecture's UNet (860M parameters, random weights) at `--sd15-resolution` px,
 batch 2, 2 threads: one model serves every option there (two copies with AdamW state do not fit in 24 GiB), so
-it compares precision only (`baseline` and `bf16`), without EMA. The `sd15_adamw` part times the AdamW update
+it compares only options that change no weights or optimizer (`baseline`, `bf16`, `kept_grads`), without
+EMA; before each round the gradients are put as the round's option leaves them (allocated or freed), so
+every timed step is a steady-state one. The `sd15_adamw` part times the AdamW update
 alone (clipping included) over the same 860M parameters: `baseline` (torch's default, the per-parameter loop
 on a CPU) against `fused` (sdray's `train.fused_adamw`), one optimizer at a time.
 
@@ -62,9 +68,9 @@ from sdray.train.loss import diffusion_loss, draw_noise, prepare_batch
 from sdray.vae.loss import Autoencode, vae_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OPTIONS = ("baseline", "foreach", "fused", "channels_last", "compile", "bf16")
+OPTIONS = ("baseline", "foreach", "fused", "channels_last", "compile", "bf16", "kept_grads")
 PARTS = ("unet", "vae", "sd15", "sd15_adamw")
-SD15_OPTIONS = ("baseline", "bf16")  # the options that leave weights and optimizer alone (sd15_variants)
+SD15_OPTIONS = ("baseline", "bf16", "kept_grads")  # options that leave weights and optimizer alone
 
 
 @dataclass
@@ -74,6 +80,7 @@ class Variant:
     name: str
     step: Callable[[], float]
     setup_s: float = 0.0
+    before_round: Callable[[], None] = lambda: None  # untimed: puts shared state as this option keeps it
 
 
 def _optimizer(params, option: str, lr: float) -> torch.optim.Optimizer:
@@ -132,9 +139,9 @@ def unet_variants(cfg, parts, batch: int, options: tuple[str, ...]) -> list[Vari
 
 
 def sd15_variants(batch: int, resolution: int, options: tuple[str, ...]) -> list[Variant]:
-    """The sd15 UNet's step (860M parameters; loss, backward, clip, AdamW) at ``resolution`` px per precision
-    option. One model and optimizer serve every option: a second copy with its AdamW state would not fit in
-    24 GiB, so only options that change no weights or optimizer (`bf16`) are compared, and there is no EMA."""
+    """The sd15 UNet's step (860M parameters; loss, backward, clip, AdamW) at ``resolution`` px per option.
+    One model and optimizer serve every option: a second copy with its AdamW state would not fit in 24 GiB,
+    so only options that change no weights or optimizer (SD15_OPTIONS) are compared, and there is no EMA."""
     parts = load_components(ModelConfig(preset="sd15"), ["unet", "vae", "text_encoder", "scheduler"])
     loss_cfg = TrainConfig().loss.resolve(parts.scheduler.config)
     make_batch = _batch_maker(parts, loss_cfg, batch, latent_side=resolution // parts.vae_downsample)
@@ -146,8 +153,24 @@ def sd15_variants(batch: int, resolution: int, options: tuple[str, ...]) -> list
         step = _unet_step(unet, params, optimizer, None, option, make_batch, parts.scheduler, loss_cfg)
         start = time.perf_counter()
         step()
-        variants.append(Variant(option, step, time.perf_counter() - start))
+        variants.append(Variant(option, step, time.perf_counter() - start, _grads_as(option, params)))
     return variants
+
+
+def _grads_as(option: str, params: list[torch.Tensor]) -> Callable[[], None]:
+    """The gradients as ``option``'s steps leave them (the options share one model): allocated and zero for
+    `kept_grads`, freed for the others. Each round then times steady-state steps only."""
+
+    def reset() -> None:
+        for p in params:
+            if option != "kept_grads":
+                p.grad = None
+            elif p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+
+    return reset
 
 
 def sd15_adamw_rounds(rounds: int, steps: int) -> dict[str, dict]:
@@ -204,7 +227,7 @@ def _unet_step(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True if option == "foreach" else None)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=option != "kept_grads")
         if ema is not None:
             ema.step(params)
         return loss.item()
@@ -227,7 +250,7 @@ def vae_variants(cfg, parts, batch: int, options: tuple[str, ...]) -> list[Varia
         def step(model=model, optimizer=optimizer, generator=generator, x=x, option=option):
             with _precision(option):
                 loss, _ = vae_loss(model, x, vae_cfg, generator)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=option != "kept_grads")
             loss.backward()
             optimizer.step()
             return loss.item()
@@ -243,6 +266,7 @@ def time_rounds(variants: list[Variant], rounds: int, steps: int) -> dict[str, d
     per_step: dict[str, list[float]] = {v.name: [] for v in variants}
     for _ in range(rounds):
         for v in variants:
+            v.before_round()
             start = time.perf_counter()
             for _ in range(steps):
                 v.step()

@@ -56,6 +56,7 @@ def autocast(mode: MixedPrecision, device: torch.device):
         yield
 
 
+@functools.cache  # autocast asks at every micro-batch; the answer never changes in a process
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN finds AVX512-BF16 or AMX on this CPU."""
     import torch

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from sdray.allocator import Allocator
 from sdray.errors import ConfigError
 from sdray.precision import MixedPrecision
 
@@ -127,6 +128,12 @@ class TrainConfig:
     instead of a loop over parameters. Same algorithm, rounding differences only; the sd15 UNet's update on 2
     CPU cores, clipping included, takes 0.88 s instead of 3.68 s (benchmarks/results/
     cpu_step_speed_sd15_adamw.md). `false`: torch's default (the per-parameter loop on a CPU)."""
+    allocator: Allocator = "jemalloc"
+    """Memory allocator of the training workers: `jemalloc` (the one inside Ray's wheel), kept from returning
+    freed memory to the system, so that a step does not fault its activations and gradients in again: on the
+    2-core dev VM the sd15 UNet's step at 256 px took 7.3 s instead of 27.6 s (benchmarks/results/allocator.md);
+    `system`: the platform's malloc. A worker keeps its peak memory until it exits. Where Ray ships no
+    jemalloc, `jemalloc` logs a warning and runs the system's."""
     lr_schedule: LrSchedule = "constant_with_warmup"
     """diffusers `get_scheduler` name."""
     warmup_steps: int = 0

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sdray import storage
+from sdray import allocator, storage
 from sdray.data.cache import read_empty_caption
 from sdray.data.reader import cache_shards
 from sdray.models.components import load_components
@@ -243,11 +243,12 @@ def train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    # 1. Process setup: threads, rank, device.
+    # 1. Process setup: threads, rank, device; the allocator is the worker's since its start (sdray.allocator).
     torch.set_num_threads(cfg.torch_threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    allocator.check_loaded(cfg.allocator, rank)
 
     # 2. Model, optimizer, LR schedule, EMA; resumed from the latest checkpoint if Ray has one.
     runner = _start(spec, rank, world, device)

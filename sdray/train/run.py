@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from sdray import storage
+from sdray import allocator, storage
 from sdray.cluster import export_train_settings
 from sdray.data.cache import read_cache_info
 from sdray.data.reader import ExpectedCache, open_cache
@@ -217,6 +217,7 @@ def _trainer(spec: RunSpec, datasets: dict[str, Any], tracked: tracking_run.Trac
             storage_path=cfg.storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": allocator.worker_env(cfg.allocator)},
         ),
         datasets=datasets,  # empty with the memory loader: the workers read the cache themselves
         dataset_config=DataConfig(execution_options=ingest),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from sdray.allocator import Allocator
 from sdray.errors import ConfigError
 from sdray.precision import MixedPrecision
 
@@ -34,6 +35,9 @@ class VaeTrainConfig:
     mixed_precision: MixedPrecision = "auto"
     """Autocast dtype of the training step: `auto` = bf16 on GPU, fp32 on CPU; `bf16` on either (1.5x on the
     demo's VAE step on a CPU with native bf16); fp16 is refused (no gradient scaler). Evaluation runs in fp32."""
+    allocator: Allocator = "jemalloc"
+    """Memory allocator of the training workers, as `train.allocator`: `jemalloc` (Ray's, kept from returning
+    freed memory) or `system`."""
     batch_size: int = 16
     """Images per worker per step."""
     learning_rate: float = 1e-3

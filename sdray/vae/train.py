@@ -23,6 +23,7 @@ from diffusers.optimization import get_scheduler
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
+from sdray import allocator
 from sdray.cluster import ensure_ray, export_train_settings
 from sdray.config import from_dict, to_dict
 from sdray.errors import InputError
@@ -150,6 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(cfg.threads_per_worker)
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    allocator.check_loaded(cfg.allocator, rank)
     torch.manual_seed(cfg.seed + rank)
 
     # 2. model: built from the preset (same seed on every worker) or loaded to fine-tune; DDP when >1 worker
@@ -277,5 +279,6 @@ def _trainer(cfg: VaeTrainConfig, loop_config: dict, train_ds, val_ds) -> TorchT
             storage_path=str(Path(cfg.output).absolute() / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": allocator.worker_env(cfg.allocator)},
         ),
     )

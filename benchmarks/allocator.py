@@ -1,0 +1,191 @@
+"""The sd15 UNet's training step under the system malloc and under `train.allocator: jemalloc`, side by side.
+
+    .venv/bin/python benchmarks/allocator.py                     # 2 rounds of 6 steps, 256 px, batch 2
+    .venv/bin/python benchmarks/allocator.py --rounds 1 --steps 4 --resolution 128
+    # writes benchmarks/results/allocator.{json,md}
+
+The allocator is chosen when a process starts (LD_PRELOAD), so each measurement is a fresh child process of
+this script, the two allocators alternating within each round: the sd15 architecture's UNet (860M
+parameters, random weights) at `--resolution` px, batch 2, 2 threads, sdray's loss and its default fused
+AdamW with clipping, fp32, as a `sdray train` worker runs it (in a thread, as Ray Train's workers do).
+`jemalloc` gets the environment `sdray.allocator.worker_env("jemalloc")` gives Ray Train's workers; `system`
+runs with LD_PRELOAD and MALLOC_CONF unset.
+
+Per process: the first step (it allocates the gradients and AdamW's state), the median of the later steps,
+and the minor page faults and system CPU time per later step, where the two differ: the system malloc hands
+the largest blocks back to the kernel after each step and faults them in again at the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ALLOCATORS = ("system", "jemalloc")
+
+
+def child(resolution: int, steps: int) -> dict:
+    """Run ``steps`` training steps in a thread; per step: seconds, minor faults, system CPU seconds."""
+    import torch
+    from cpu_step_speed import _batch_maker, _unet_step
+
+    from sdray.allocator import loaded_allocator
+    from sdray.models.components import load_components
+    from sdray.models.config import ModelConfig
+    from sdray.train.config import TrainConfig
+
+    torch.set_num_threads(2)
+    parts = load_components(ModelConfig(preset="sd15"), ["unet", "vae", "text_encoder", "scheduler"])
+    loss_cfg = TrainConfig().loss.resolve(parts.scheduler.config)
+    make_batch = _batch_maker(parts, loss_cfg, 2, latent_side=resolution // parts.vae_downsample)
+    unet = parts.unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2, fused=True)
+    step = _unet_step(unet, params, optimizer, None, "baseline", make_batch, parts.scheduler, loss_cfg)
+    rows: list[dict] = []
+
+    def run() -> None:
+        for _ in range(steps):
+            before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            step()
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            rows.append(
+                {
+                    "s": round(time.perf_counter() - start, 3),
+                    "minor_faults": after.ru_minflt - before.ru_minflt,
+                    "sys_s": round(after.ru_stime - before.ru_stime, 2),
+                }
+            )
+
+    worker = threading.Thread(target=run)  # Ray Train runs the training function in a thread too
+    worker.start()
+    worker.join()
+    return {"loaded": loaded_allocator(), "steps": rows}
+
+
+def measure(allocator: str, args) -> dict:
+    """One child process under ``allocator``; its steps summarized."""
+    from sdray.allocator import worker_env
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    env |= worker_env(allocator) if allocator == "jemalloc" else {}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--resolution",
+        str(args.resolution),
+        "--steps",
+        str(args.steps),
+    ]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{allocator} child failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    later = record["steps"][1:]
+    return {
+        "allocator": allocator,
+        "loaded": record["loaded"],
+        "process_wall_s": round(time.perf_counter() - start, 1),
+        "first_step_s": record["steps"][0]["s"],
+        "later_step_s_median": round(statistics.median(r["s"] for r in later), 2),
+        "later_faults_median": int(statistics.median(r["minor_faults"] for r in later)),
+        "later_sys_s_median": round(statistics.median(r["sys_s"] for r in later), 2),
+        "steps": record["steps"],
+    }
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        f"# The sd15 UNet's step by memory allocator ({record['date']})",
+        "",
+        f"{record['machine']}; load average {record['load_average_start']} at the start, "
+        f"{record['load_average_end']} at the end. `{record['command']}`",
+        "",
+        f"sd15 architecture (random weights), {record['resolution']} px, batch 2, 2 threads, fp32, fused AdamW; "
+        f"{record['steps']} steps a process, {record['rounds']} rounds, the allocators alternating.",
+        "",
+        "| round | allocator | first step, s | later steps, s (median) | page faults a later step | "
+        "system CPU s a later step | process, s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, run in enumerate(record["runs"]):
+        lines.append(
+            f"| {i // len(ALLOCATORS) + 1} | {run['loaded']} | {run['first_step_s']} | "
+            f"{run['later_step_s_median']} | {run['later_faults_median']:,} | {run['later_sys_s_median']} | "
+            f"{run['process_wall_s']} |"
+        )
+    summary = record["summary"]
+    lines += [
+        "",
+        f"Later steps, median over rounds: system {summary['system_step_s']} s, jemalloc "
+        f"{summary['jemalloc_step_s']} s ({summary['speedup']}x); first steps: system "
+        f"{summary['system_first_s']} s, jemalloc {summary['jemalloc_first_s']} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6, help="steps a process (the first is reported apart)")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="allocator", help="results file stem under benchmarks/results")
+    args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the first step is reported apart)")
+    if args.child:
+        print(json.dumps(child(args.resolution, args.steps)))
+        return
+    record = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join([".venv/bin/python", "benchmarks/allocator.py", *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+        "versions": {name: version(name) for name in ("torch", "diffusers", "ray")},
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "resolution": args.resolution,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "runs": [],
+    }
+    for _ in range(args.rounds):
+        for allocator in ALLOCATORS:
+            record["runs"].append(measure(allocator, args))
+            print(json.dumps({k: v for k, v in record["runs"][-1].items() if k != "steps"}), flush=True)
+    record["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    def median(allocator: str, key: str) -> float:
+        return round(statistics.median(r[key] for r in record["runs"] if r["allocator"] == allocator), 2)
+
+    step = {a: median(a, "later_step_s_median") for a in ALLOCATORS}
+    record["summary"] = {
+        "system_step_s": step["system"],
+        "jemalloc_step_s": step["jemalloc"],
+        "speedup": round(step["system"] / step["jemalloc"], 2),
+        "system_first_s": median("system", "first_step_s"),
+        "jemalloc_first_s": median("jemalloc", "first_step_s"),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(markdown(record))
+    print(markdown(record))
+
+
+if __name__ == "__main__":
+    main()

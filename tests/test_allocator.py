@@ -1,0 +1,84 @@
+"""The training workers' memory allocator (sdray/allocator.py): the environment that preloads Ray's jemalloc,
+what a user set winning, the fallback where there is none, and a real Ray worker started with it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from sdray import allocator
+from sdray.config import from_dict
+from sdray.errors import ConfigError
+from sdray.train.config import TrainConfig
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
+
+
+def test_jemalloc_is_rays_own_library_kept_from_returning_memory(clean_env):
+    library = allocator.ray_jemalloc()
+    assert library is not None and library.name == "libjemalloc.so" and library.is_file()
+    assert allocator.worker_env("jemalloc") == {
+        "LD_PRELOAD": str(library),
+        "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1",
+    }
+    assert allocator.worker_env("system") == {}
+    assert TrainConfig().allocator == "jemalloc"
+
+
+def test_what_the_user_set_wins(clean_env, monkeypatch):
+    library = str(allocator.ray_jemalloc())
+    monkeypatch.setenv("LD_PRELOAD", "/opt/profiler.so")
+    monkeypatch.setenv("MALLOC_CONF", "narenas:2")
+    assert allocator.worker_env("jemalloc") == {
+        "LD_PRELOAD": f"/opt/profiler.so:{library}",
+        "MALLOC_CONF": "narenas:2",
+    }
+    monkeypatch.setenv("LD_PRELOAD", library)  # already preloaded: not twice
+    assert allocator.worker_env("jemalloc")["LD_PRELOAD"] == library
+
+
+def test_without_rays_jemalloc_the_system_allocator_runs_and_says_so(clean_env, monkeypatch, caplog):
+    monkeypatch.setattr(allocator, "ray_jemalloc", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="sdray.allocator"):
+        assert allocator.worker_env("jemalloc") == {}
+    assert "ships no libjemalloc.so; using the system's" in caplog.text
+
+
+def test_an_unknown_allocator_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match="allocator"):
+        from_dict(TrainConfig, {"allocator": "tcmalloc"}, where="train")
+
+
+def test_a_ray_worker_started_with_it_runs_jemalloc_and_torch(ray_session, clean_env):
+    @ray_session.remote
+    def allocator_and_sum(size: int) -> tuple[str, float]:
+        import torch
+
+        total = 0.0
+        for _ in range(3):  # large blocks freed and allocated again: what a training step does
+            total += float(torch.ones(size).sum())
+        return allocator.loaded_allocator(), total
+
+    size = 16 * 1024**2  # 64 MB blocks, over glibc's largest heap allocation
+    env = {"env_vars": allocator.worker_env("jemalloc")}
+    assert ray_session.get(allocator_and_sum.options(runtime_env=env).remote(size)) == (
+        "jemalloc",
+        3.0 * size,
+    )
+    assert ray_session.get(allocator_and_sum.remote(size)) == ("system", 3.0 * size)
+
+
+def test_a_worker_without_the_preload_it_was_given_says_so(caplog):
+    assert allocator.loaded_allocator() == "system"  # pytest itself runs without the preload
+    with caplog.at_level(logging.INFO, logger="sdray.allocator"):
+        allocator.check_loaded("jemalloc", rank=1)
+        allocator.check_loaded("system", rank=0)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "rank 1: allocator jemalloc is not loaded in this worker; running the system's"),
+        ("INFO", "memory allocator: system"),
+    ]
