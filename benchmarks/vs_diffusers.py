@@ -24,8 +24,8 @@ extra wall seconds of the longest run against the shortest; and from each step l
 and 20 epochs (ours counts the preprocessing once; epoch counts not run are extrapolated from the fixed
 cost and the marginal rate, and marked), peak RSS per training process and of the whole process tree
 (psutil, every 0.5 s), and the loss over the last epoch. Results: benchmarks/results/
-vs_diffusers_MODEL[_lora].{json,md}, one pair per model (--quick: in --work), each with the machine, the load
-average at its start and end, versions and the command line.
+vs_diffusers_MODEL[_lora][_their_jemalloc].{json,md}, one pair per model (--quick: in --work), each with
+the machine, the load average at its start and end, versions and the command line.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import psutil
+
+from sdray import allocator
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -281,6 +283,7 @@ def their_command(spec: ModelSpec, paths: dict[str, Path], out: Path, run: dict,
     env |= {"OMP_NUM_THREADS": str(threads), "HF_HOME": str(out / "hf_home"), "HF_HUB_OFFLINE": "1"}
     env |= {"HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}  # mpirun as root, as here
+    env |= allocator.worker_env("jemalloc") if args.their_jemalloc else {}
     return [str(part) for part in cmd], env
 
 
@@ -449,6 +452,9 @@ NOTES = [
     "the import finishes (the scripts only use torchvision.transforms; the ops are never called).",
     "Checkpoints: theirs --checkpointing_steps = the run's steps, so both write one resumable checkpoint at "
     "the end, then the model (theirs save_pretrained or save_lora_weights, ours train.export).",
+    "Allocator: sdray's workers run jemalloc kept from returning freed memory (train.allocator, its default); "
+    "their script runs the system's malloc as shipped, unless --their-jemalloc gives it the same preload "
+    "(settings.their_allocator).",
 ]
 
 
@@ -511,7 +517,12 @@ def header(args, their_versions: dict) -> dict:
             ".venv": ours,
             ".venv-vs-diffusers": their_versions,
         },
-        "settings": {**HYPER, **settings, "sdray_extra_overrides": args.sdray_set},
+        "settings": {
+            **HYPER,
+            **settings,
+            "sdray_extra_overrides": args.sdray_set,
+            "their_allocator": "jemalloc" if args.their_jemalloc else "system",
+        },
         "notes": NOTES,
         "models": {},
     }
@@ -536,6 +547,11 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, default=Path("/tmp/vs_diffusers"), help="data, models, runs, logs"
     )
+    parser.add_argument(
+        "--their-jemalloc",
+        action="store_true",
+        help="run their script under the jemalloc preload sdray's workers get (train.allocator)",
+    )
     parser.add_argument("--scripts", type=Path, default=SCRIPTS, help="folder of diffusers' example scripts")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one command may take")
     parser.add_argument("--keep", action="store_true", help="keep every run's output (sd15: ~15 GB a run)")
@@ -557,6 +573,7 @@ def main() -> None:
             shutil.rmtree(paths["model"])  # sd15's is 4 GB
         result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
         stem = "vs_diffusers_quick" if args.quick else f"vs_diffusers_{name}" + "_lora" * args.lora
+        stem += "_their_jemalloc" * args.their_jemalloc
         write_results(result, args.work if args.quick else RESULTS, stem)
 
 
