@@ -82,3 +82,25 @@ def test_a_worker_without_the_preload_it_was_given_says_so(caplog):
         ("WARNING", "rank 1: allocator jemalloc is not loaded in this worker; running the system's"),
         ("INFO", "memory allocator: system"),
     ]
+
+
+@pytest.mark.parametrize("choice", ["jemalloc", "system"])
+def test_both_training_stages_start_their_workers_with_the_configured_allocator(clean_env, choice):
+    from cache_fixtures import TINY_INFO
+
+    from sdray.models.config import ModelConfig
+    from sdray.tracking.run import TrackingRun
+    from sdray.train import run as unet_run
+    from sdray.train.checkpoint import RunSpec
+    from sdray.train.config import LossConfig
+    from sdray.vae import train as vae_train
+    from sdray.vae.config import VaeTrainConfig
+
+    train = TrainConfig(loss=LossConfig(prediction_type="epsilon"), allocator=choice)
+    spec = RunSpec(train=train, model=ModelConfig(), info=TINY_INFO)
+    trainers = {
+        "unet": unet_run._trainer(spec, {}, TrackingRun()),
+        "vae": vae_train._trainer(VaeTrainConfig(allocator=choice), {}, None, None),
+    }
+    for stage, trainer in trainers.items():
+        assert trainer.run_config.worker_runtime_env == {"env_vars": allocator.worker_env(choice)}, stage
