@@ -19,12 +19,15 @@ from PIL import Image
 from sdray.config import to_dict
 from sdray.data import cache, rejects
 from sdray.data.cache import MANIFEST_DIR, SUMMARY_FILE
+from sdray.data.reader import read_parquet_files
 from sdray.errors import ConfigError, InputError
 from sdray.models.components import load_components, save_components
 from sdray.models.config import ModelConfig
 from sdray.models.fingerprint import encoder_fingerprint
 from sdray.pipeline_config import load_pipeline_config
+from sdray.preprocess import dataset
 from sdray.preprocess.config import PreprocessConfig
+from sdray.preprocess.dataset import read_tasks
 from sdray.preprocess.inputs import unit_key
 from sdray.preprocess.manifest import OutputDir
 from sdray.preprocess.run import run_preprocess
@@ -256,12 +259,28 @@ def split_input(source: Path, folder: Path, rows_per_file: int) -> None:
         pq.write_table(table.slice(k, rows_per_file), folder / f"f{k:04d}.parquet")
 
 
+def test_read_tasks_pack_small_files_only():
+    assert read_tasks([64] * 64, rows_per_task=512, min_tasks=8) == 8  # 8 files a task
+    assert read_tasks([64] * 64, rows_per_task=512, min_tasks=16) == 16  # never below the floor
+    assert read_tasks([1000] * 5, rows_per_task=512, min_tasks=8) == 5  # large files: one task each
+    assert read_tasks([4] * 3, rows_per_task=512, min_tasks=8) == 3  # never more tasks than files
+    assert read_tasks([], rows_per_task=512, min_tasks=8) == 0
+
+
 def test_crashed_run_resumes_to_the_uninterrupted_rows(synth_cache, synth_dir, monkeypatch, tmp_path):
     """The driver dies after committing 5 of 16 input files (Ray tasks still in flight); the same command
-    run again gives exactly the rows of the uninterrupted run, with no duplicates and no leftovers."""
+    run again gives exactly the rows of the uninterrupted run, with no duplicates and no leftovers. The
+    files are read two to a task (4 rows each, 8 rows a shard): still committed and sharded file by file."""
     split_input(synth_dir, tmp_path / "in", rows_per_file=4)  # 16 input files
     out = tmp_path / "out"
-    cfg = config(tmp_path / "in", out, "preprocess.encode_batch_size=2", "preprocess.rows_per_shard=2")
+    cfg = config(tmp_path / "in", out, "preprocess.encode_batch_size=2", "preprocess.rows_per_shard=8")
+    planned = []
+
+    def recording_reader(paths, **kwargs):
+        planned.append((len(paths), kwargs["tasks"]))
+        return read_parquet_files(paths, **kwargs)
+
+    monkeypatch.setattr(dataset, "read_parquet_files", recording_reader)
     commit = OutputDir.commit
 
     def crash_after_five(self, key, record, rejected_rows):
@@ -285,10 +304,17 @@ def test_crashed_run_resumes_to_the_uninterrupted_rows(synth_cache, synth_dir, m
     (out / ".part-x.parquet.tmp-12345678").write_bytes(b"half a file")
 
     summary = run_preprocess(cfg)
+    assert planned == [(16, 8), (11, 8)]  # 2 CPU stages x 4 logical CPUs: 8 read tasks for 16 files
     assert summary["this_run"]["input_files"] == 11
     assert (summary["input_files"], summary["rows_in"], summary["rows_written"]) == (16, 64, 64)
     assert not list(out.glob(".*tmp*"))
     assert_same_rows(read_cache(out), read_cache(synth_cache[0]))  # read_cache fails on duplicate ids
+    ids_of = {
+        unit_key(str(p)): set(pq.read_table(p).column("id").to_pylist()) for p in (tmp_path / "in").iterdir()
+    }
+    for shard in out.glob("part-*.parquet"):  # a shard never mixes input files, packed or not
+        key = shard.name.removeprefix(cache.SHARD_PREFIX).rsplit("-", 1)[0]
+        assert set(pq.read_table(shard).column(cache.ID).to_pylist()) <= ids_of[key], shard.name
     assert run_preprocess(cfg)["this_run"]["input_files"] == 0
 
 

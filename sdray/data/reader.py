@@ -180,15 +180,16 @@ def read_parquet_files(
     filesystem: pafs.FileSystem,
     columns: list[str],
     include_paths: bool = False,
-    min_tasks: int = 0,
+    tasks: int = 0,
 ):
-    """``ray.data.read_parquet`` with a read task per file, each yielding its own blocks.
+    """``ray.data.read_parquet`` with a read task per file (or ``tasks`` read tasks), each yielding its own blocks.
 
     Ray 2.60's default parquet reader (DataSourceV2) lists the files in a task of its own and plans reads in
     buckets of at least 1 MiB of files, so a set of small files went through a single task into one block:
     a preprocessing run over small files then wrote nothing until its last second, and the listing task cost
     a worker start per dataset. The V1 reader, which `DataContext.use_datasource_v2` documents as the
-    alternative, reads each file in a task of its own (and in at least ``min_tasks`` tasks). The flag is read
+    alternative, reads each file in a task of its own, or the files in ``tasks`` contiguous groups of equal
+    count (at most one task per file). The flag is read
     when the read is planned and put back at once, so no other dataset of this process sees it.
     """
     import ray.data
@@ -202,7 +203,7 @@ def read_parquet_files(
             filesystem=filesystem,
             columns=columns,
             include_paths=include_paths,
-            override_num_blocks=max(len(paths), min_tasks),
+            override_num_blocks=tasks or len(paths),
         )
     finally:
         context.use_datasource_v2 = before

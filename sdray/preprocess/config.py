@@ -51,9 +51,9 @@ class PreprocessConfig:
     write_num_cpus: float = 0.0
     """CPUs reserved per shard-writing task; 0 so writes (mostly I/O) never wait behind decode tasks."""
     rows_per_shard: int = 512
-    """Rows per output parquet shard, at most. Shards are written as the pipeline's blocks arrive (about
-    decode_batch_size rows each) and never mix input files, so most hold fewer rows; a killed run loses only
-    the blocks in flight."""
+    """Rows per output parquet shard, at most. Shards are written as the pipeline's blocks arrive and never
+    mix input files, so most hold fewer rows; a killed run loses only the blocks in flight. Input files
+    smaller than this are read several to a task, up to about this many rows (Ray Data's per-block cost)."""
     buckets: bool = False
     """Aspect-ratio buckets instead of the square centre crop: each image goes to the ladder size nearest its
     aspect ratio (about resolution^2 pixels, sides multiples of bucket_step), resized to cover it, centre-cropped."""

@@ -183,7 +183,9 @@ def _process(  # noqa: PLR0913 - the run's state, kept explicit
         paths = list(ledger.records)
         from sdray.preprocess.dataset import build_dataset
 
-        ds = build_dataset(cfg, fs=fs, paths=paths, out=out, info=info)
+        ds = build_dataset(
+            cfg, fs=fs, paths=paths, rows=[ledger.records[p].rows for p in paths], out=out, info=info
+        )
         total = sum(record.rows for record in ledger.records.values())
         progress = Progress(total, label=label, unit="images")
         for events in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
