@@ -1,8 +1,14 @@
-"""The sd15 UNet's training step under the system malloc and under `train.allocator: jemalloc`, side by side.
+"""The sd15 UNet's training step (or the sd15 encoders' batch) under the system malloc and under jemalloc
+(`train.allocator`, `preprocess.encode_allocator`), side by side.
 
     .venv/bin/python benchmarks/allocator.py                     # 2 rounds of 6 steps, 256 px, batch 2
     .venv/bin/python benchmarks/allocator.py --rounds 1 --steps 4 --resolution 128
     # writes benchmarks/results/allocator.{json,md}
+    .venv/bin/python benchmarks/allocator.py --workload encode --steps 4 --out preprocess_allocator_sd15_256
+
+`--workload encode` times what a preprocessing encoder actor runs instead: `Encoder.encode` (the sd15 VAE
+encoder and text encoder, inference, fp32) on batches of 16 images at `--resolution` px, in a thread as Ray
+Data runs it; a "step" is one batch.
 
 The allocator is chosen when a process starts (LD_PRELOAD), so each measurement is a fresh child process of
 this script, the two allocators alternating within each round: the sd15 architecture's UNet (860M
@@ -36,12 +42,34 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ALLOCATORS = ("system", "jemalloc")
 
 
-def child(resolution: int, steps: int) -> dict:
-    """Run ``steps`` training steps in a thread; per step: seconds, minor faults, system CPU seconds."""
+def encode_step(resolution: int):
+    """One sd15 encoder batch as a preprocessing encoder actor runs it (16 random images and captions)."""
+    import numpy as np
+
+    from sdray.config import to_dict
+    from sdray.models.components import load_components
+    from sdray.pipeline_config import load_pipeline_config
+    from sdray.preprocess.encode import Encoder
+    from sdray.preprocess.run import cache_info
+
+    cfg = load_pipeline_config("sd15", [f"preprocess.resolution={resolution}"])
+    info = cache_info(load_components(cfg.model, parts=("tokenizer", "text_encoder", "vae")), cfg)
+    encoder = Encoder(model=to_dict(cfg.model), info_json=info.to_json(), num_threads=2)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (16, 3, resolution, resolution), dtype=np.uint8)
+    ids = rng.integers(0, 49408, (16, 77), dtype=np.int64)
+    return lambda: encoder.encode(pixels, ids)
+
+
+def child(resolution: int, steps: int, workload: str) -> dict:
+    """Run ``steps`` training steps (or encoder batches) in a thread; per step: seconds, minor faults,
+    system CPU seconds."""
     import torch
+
+    if workload == "encode":
+        return timed_steps(encode_step(resolution), steps)
     from cpu_step_speed import _batch_maker, _unet_step
 
-    from sdray.allocator import loaded_allocator
     from sdray.models.components import load_components
     from sdray.models.config import ModelConfig
     from sdray.train.config import TrainConfig
@@ -54,6 +82,12 @@ def child(resolution: int, steps: int) -> dict:
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2, fused=True)
     step = _unet_step(unet, params, optimizer, None, "baseline", make_batch, parts.scheduler, loss_cfg)
+    return timed_steps(step, steps)
+
+
+def timed_steps(step, steps: int) -> dict:
+    from sdray.allocator import loaded_allocator
+
     rows: list[dict] = []
 
     def run() -> None:
@@ -89,6 +123,8 @@ def measure(allocator: str, args) -> dict:
         str(args.resolution),
         "--steps",
         str(args.steps),
+        "--workload",
+        args.workload,
     ]
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -109,14 +145,18 @@ def measure(allocator: str, args) -> dict:
 
 
 def markdown(record: dict) -> str:
+    encode = record.get("workload") == "encode"
+    what = "the sd15 encoders' batch" if encode else "the sd15 UNet's step"
+    setup = "VAE encoder and text encoder, inference, batch 16" if encode else "batch 2, fused AdamW"
     lines = [
-        f"# The sd15 UNet's step by memory allocator ({record['date']})",
+        f"# {what[0].upper() + what[1:]} by memory allocator ({record['date']})",
         "",
         f"{record['machine']}; load average {record['load_average_start']} at the start, "
         f"{record['load_average_end']} at the end. `{record['command']}`",
         "",
-        f"sd15 architecture (random weights), {record['resolution']} px, batch 2, 2 threads, fp32, fused AdamW; "
-        f"{record['steps']} steps a process, {record['rounds']} rounds, the allocators alternating.",
+        f"sd15 architecture (random weights), {record['resolution']} px, {setup}, 2 threads, fp32; "
+        f"{record['steps']} steps (a step: {'one batch' if encode else 'one optimizer step'}) a process, "
+        f"{record['rounds']} rounds, the allocators alternating.",
         "",
         "| round | allocator | first step, s | later steps, s (median) | page faults a later step | "
         "system CPU s a later step | process, s |",
@@ -145,13 +185,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6, help="steps a process (the first is reported apart)")
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--workload", choices=["train", "encode"], default="train")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="allocator", help="results file stem under benchmarks/results")
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is reported apart)")
     if args.child:
-        print(json.dumps(child(args.resolution, args.steps)))
+        print(json.dumps(child(args.resolution, args.steps, args.workload)))
         return
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -160,6 +201,7 @@ def main() -> None:
         "versions": {name: version(name) for name in ("torch", "diffusers", "ray")},
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "resolution": args.resolution,
+        "workload": args.workload,
         "steps": args.steps,
         "rounds": args.rounds,
         "runs": [],

@@ -10,6 +10,7 @@ import pytest
 from sdray import allocator
 from sdray.config import from_dict
 from sdray.errors import ConfigError
+from sdray.pipeline_config import load_pipeline_config
 from sdray.train.config import TrainConfig
 
 
@@ -52,6 +53,8 @@ def test_without_rays_jemalloc_the_system_allocator_runs_and_says_so(clean_env, 
 def test_an_unknown_allocator_is_refused_naming_the_field():
     with pytest.raises(ConfigError, match="allocator"):
         from_dict(TrainConfig, {"allocator": "tcmalloc"}, where="train")
+    with pytest.raises(ConfigError, match=r"preprocess\.encode_allocator.*tcmalloc"):
+        load_pipeline_config("tiny", ["preprocess.encode_allocator=tcmalloc"])
 
 
 def test_a_ray_worker_started_with_it_runs_jemalloc_and_torch(ray_session, clean_env):
@@ -76,8 +79,8 @@ def test_a_ray_worker_started_with_it_runs_jemalloc_and_torch(ray_session, clean
 def test_a_worker_without_the_preload_it_was_given_says_so(caplog):
     assert allocator.loaded_allocator() == "system"  # pytest itself runs without the preload
     with caplog.at_level(logging.INFO, logger="sdray.allocator"):
-        allocator.check_loaded("jemalloc", rank=1)
-        allocator.check_loaded("system", rank=0)
+        allocator.check_loaded("jemalloc", "rank 1", report=False)
+        allocator.check_loaded("system", "rank 0", report=True)
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("WARNING", "rank 1: allocator jemalloc is not loaded in this worker; running the system's"),
         ("INFO", "memory allocator: system"),

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sdray import allocator
 from sdray.config import to_dict
 from sdray.data import cache, rejects
 from sdray.data.cache import MANIFEST_DIR, SUMMARY_FILE
@@ -28,9 +29,9 @@ from sdray.pipeline_config import load_pipeline_config
 from sdray.preprocess import dataset
 from sdray.preprocess.config import PreprocessConfig
 from sdray.preprocess.dataset import read_tasks
-from sdray.preprocess.inputs import unit_key
+from sdray.preprocess.inputs import resolve_inputs, unit_key
 from sdray.preprocess.manifest import OutputDir
-from sdray.preprocess.run import run_preprocess
+from sdray.preprocess.run import cache_info, run_preprocess
 from sdray.preprocess.stages import decode_batch
 
 FAST = ["preprocess.decode_batch_size=8", "preprocess.encode_batch_size=8", "preprocess.store_std=true"]
@@ -265,6 +266,28 @@ def test_read_tasks_pack_small_files_only():
     assert read_tasks([1000] * 5, rows_per_task=512, min_tasks=8) == 5  # large files: one task each
     assert read_tasks([4] * 3, rows_per_task=512, min_tasks=8) == 3  # never more tasks than files
     assert read_tasks([], rows_per_task=512, min_tasks=8) == 0
+
+
+@pytest.mark.parametrize("choice", ["jemalloc", "system"])
+def test_encoder_actors_start_with_the_configured_allocator(
+    ray_session, synth_dir, tiny_components, tmp_path, choice
+):
+    cfg = config(synth_dir, tmp_path / "out", f"preprocess.encode_allocator={choice}")
+    fs, files = resolve_inputs(str(synth_dir))
+    ds = dataset.build_dataset(
+        cfg,
+        fs=fs,
+        paths=[f.path for f in files],
+        rows=[32] * len(files),
+        out=OutputDir(str(tmp_path / "out")),
+        info=cache_info(tiny_components, cfg),
+    )
+    ops, op = {}, ds._logical_plan.dag  # the plan as built, before anything runs
+    while op is not None:
+        ops[op.name] = op.ray_remote_args
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    assert ops["MapBatches(Encoder)"]["runtime_env"] == {"env_vars": allocator.worker_env(choice)}
+    assert "runtime_env" not in ops["MapBatches(decode_batch)"]  # only the model-running actors
 
 
 def test_crashed_run_resumes_to_the_uninterrupted_rows(synth_cache, synth_dir, monkeypatch, tmp_path):

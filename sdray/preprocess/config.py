@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from sdray.allocator import Allocator
 from sdray.data.images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 from sdray.errors import ConfigError
 
@@ -48,6 +49,10 @@ class PreprocessConfig:
     """CPUs Ray reserves per encoder actor (leave some for the read/decode tasks)."""
     encode_threads: int = 0
     """Torch threads of an encoder actor on CPU; 0: the node's cores / encode_concurrency (shared with decoding)."""
+    encode_allocator: Allocator = "jemalloc"
+    """Memory allocator of the encoder actors, as `train.allocator`: `jemalloc` (Ray's, kept from returning
+    freed memory, so a batch does not fault its activations in again) or `system`. On the 2-core dev VM the
+    sd15 encoders at 256 px ran 1.1 images/s instead of 0.8 (benchmarks/results/preprocess_allocator_sd15_256.md)."""
     write_num_cpus: float = 0.0
     """CPUs reserved per shard-writing task; 0 so writes (mostly I/O) never wait behind decode tasks."""
     rows_per_shard: int = 512

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
+from sdray import allocator
 from sdray.batchgen.stages import SamplerActor, write_images
 from sdray.config import to_dict
 from sdray.data.cache import CacheInfo
@@ -114,11 +115,13 @@ def build_dataset(
         compute=ray.data.ActorPoolStrategy(size=pre.encode_concurrency),
         num_cpus=pre.encode_num_cpus,
         num_gpus=encoder_gpus(pre.encode_num_gpus),
+        runtime_env={"env_vars": allocator.worker_env(pre.encode_allocator)},
         fn_constructor_kwargs={
             "model": to_dict(cfg.model),
             "info_json": info.to_json(),
             "num_threads": pre.encode_threads,
             "actors": pre.encode_concurrency,
+            "allocator": pre.encode_allocator,
         },
     )
     return ds.map_batches(

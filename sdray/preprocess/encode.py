@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdray.allocator import Allocator, check_loaded
 from sdray.config import from_dict
 from sdray.data.cache import CacheInfo
 from sdray.data.images import normalise
@@ -29,9 +30,18 @@ class Encoder:
     """``map_batches`` class: adds latent / latent_std / text_embeds, drops pixels and input_ids."""
 
     def __init__(
-        self, *, model: dict[str, Any], info_json: str, num_threads: int = 0, actors: int = 1
+        self,
+        *,
+        model: dict[str, Any],
+        info_json: str,
+        num_threads: int = 0,
+        actors: int = 1,
+        allocator: Allocator | None = None,
     ) -> None:
-        """``num_threads``: torch threads on CPU; 0 shares this node's cores among ``actors`` actors."""
+        """``num_threads``: torch threads on CPU; 0 shares this node's cores among ``actors`` actors.
+        ``allocator``: the one this actor was started with (warns if it did not load); None: not checked."""
+        if allocator:
+            check_loaded(allocator, "encoder actor", report=True)
         # here, not at the top: the drivers that build pipelines with this class need not import diffusers
         from sdray.models.components import load_components
 

@@ -248,7 +248,7 @@ def train_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    allocator.check_loaded(cfg.allocator, rank)
+    allocator.check_loaded(cfg.allocator, f"rank {rank}", report=rank == 0)
 
     # 2. Model, optimizer, LR schedule, EMA; resumed from the latest checkpoint if Ray has one.
     runner = _start(spec, rank, world, device)

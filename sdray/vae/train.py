@@ -151,7 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(cfg.threads_per_worker)
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    allocator.check_loaded(cfg.allocator, rank)
+    allocator.check_loaded(cfg.allocator, f"rank {rank}", report=rank == 0)
     torch.manual_seed(cfg.seed + rank)
 
     # 2. model: built from the preset (same seed on every worker) or loaded to fine-tune; DDP when >1 worker
