@@ -9,8 +9,12 @@ files) it times, end to end:
   uses every core);
 - `ray`: `run_preprocess` on a running local Ray (the driver's encoder load for the cache metadata, decode
   tasks -> encoder actor (its own model load) -> write tasks, the manifest commits); `ray.init` is not counted,
-  as a cluster is already up in real use. Also when the first and the last input file were committed, which
-  shows that output streams out while encoding goes on.
+  as a cluster is already up in real use, but each size gets a Ray of its own, started before and stopped
+  after it: a real run is a job of its own, whose worker processes start (and import) anew, so a run must
+  not inherit the warm workers of the one before. Also when the first and the last input file were
+  committed, which shows that output streams out while encoding goes on.
+`--file-per-task` also times the pipeline with one read task per input file, as it ran before small files
+were packed several to a task (2026-12-04), side by side in the same run.
 With two sizes it also reports the marginal rate (N2 - N1) / (t2 - t1): the steady state once the fixed costs
 are paid, which is what matters at millions of images.
 """
@@ -18,6 +22,7 @@ are paid, which is what matters at millions of images.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -41,6 +46,7 @@ from sdray.data.images import decode_pixels, open_checked, pick_caption
 from sdray.data.synth import SynthConfig, write_synth
 from sdray.models.components import load_components
 from sdray.pipeline_config import load_pipeline_config
+from sdray.preprocess import dataset
 from sdray.preprocess.encode import Encoder
 from sdray.preprocess.run import cache_info, run_preprocess
 
@@ -84,26 +90,64 @@ def watch_commits(manifest: Path, start: float, files: int) -> tuple[list[float]
     seen: list[float] = []
     stop = threading.Event()
 
+    def check() -> None:
+        count = len(list(manifest.glob("*.json"))) if manifest.is_dir() else 0
+        if count and not seen or count >= files and len(seen) == 1:
+            seen.append(round(time.perf_counter() - start, 2))
+
     def poll() -> None:
         while not stop.is_set() and len(seen) < 2:
-            count = len(list(manifest.glob("*.json"))) if manifest.is_dir() else 0
-            if count and not seen or count >= files and len(seen) == 1:
-                seen.append(round(time.perf_counter() - start, 2))
+            check()
             time.sleep(0.01)
+
+    def finish() -> None:  # commits made in the poll's last 10 ms are seen here, timed at the end
+        stop.set()
+        thread.join()
+        check()
+        check()
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
-    return seen, lambda: (stop.set(), thread.join())
+    return seen, finish
 
 
-def ray_pipeline(cfg, files: int) -> dict:
-    """End-to-end seconds of ``run_preprocess`` and when the first and last input file were committed."""
-    start = time.perf_counter()
-    commits, stop = watch_commits(Path(cfg.preprocess.output) / "_manifest", start, files)
-    summary = run_preprocess(cfg)
-    seconds = time.perf_counter() - start
-    stop()
+def ray_pipeline(cfg, files: int, cores: int) -> dict:
+    """End-to-end seconds of ``run_preprocess`` on a fresh local Ray (its start and stop not counted) and
+    when the first and last input file were committed."""
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    try:
+        start = time.perf_counter()
+        commits, stop = watch_commits(Path(cfg.preprocess.output) / "_manifest", start, files)
+        summary = run_preprocess(cfg)
+        seconds = time.perf_counter() - start
+        stop()
+    finally:
+        ray.shutdown()
     return {"s": seconds, "pipeline_s": summary["this_run"]["wall_s"], "commits_s": commits}
+
+
+@contextlib.contextmanager
+def one_read_task_per_file():
+    """The read planning of before 2026-12-04: a task per input file, however small."""
+    packed = dataset.read_tasks
+    dataset.read_tasks = lambda file_rows, **_: len(file_rows)
+    try:
+        yield
+    finally:
+        dataset.read_tasks = packed
+
+
+def pipeline_config(args: argparse.Namespace, data: Path, out: Path, cores: int):
+    return load_pipeline_config(
+        args.preset,
+        [
+            f"preprocess.input={data}",
+            f"preprocess.output={out}",
+            f"preprocess.resolution={args.resolution}",
+            f"preprocess.encode_batch_size={args.encode_batch_size}",
+            f"preprocess.encode_threads={cores}",
+        ],
+    )
 
 
 def markdown(result: dict) -> str:
@@ -117,11 +161,16 @@ def markdown(result: dict) -> str:
         "| images | plain s | ray s | ray / plain speed | ray pipeline s | first / last file committed at s |",
         "|---|---|---|---|---|---|",
     ]
+    per_file = any("ray_file_per_task_s" in r for r in result["runs"])
+    if per_file:
+        lines[-2] += " ray, a read task per file s | packed / per file |"
+        lines[-1] += "---|---|"
     for r in result["runs"]:
         first, last = (r["commits_s"] + ["-", "-"])[:2]
         lines.append(
             f"| {r['images']} | {r['plain_s']} | {r['ray_s']} | {r['speedup']}x | {r['ray_pipeline_s']} "
             f"| {first} / {last} |"
+            + (f" {r['ray_file_per_task_s']} | {r['packed_vs_file_per_task']}x |" if per_file else "")
         )
     if "marginal_images_per_s" in result:
         m = result["marginal_images_per_s"]
@@ -137,9 +186,13 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--num-images", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--encode-batch-size", type=int, default=16)
+    parser.add_argument(
+        "--file-per-task",
+        action="store_true",
+        help="also time one read task per input file (the old planning)",
+    )
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="sdray-bench-"))
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -149,7 +202,8 @@ def main() -> None:
         "load_average_at_start": os.getloadavg(),
         "preset": args.preset,
         "resolution": args.resolution,
-        "ray": f"num_cpus={cores}; decode tasks 1 CPU, one encoder actor (1 CPU reserved, {cores} torch threads)",
+        "ray": f"num_cpus={cores}, a fresh local Ray for each size; decode tasks 1 CPU, one encoder actor (1 CPU "
+        f"reserved, {cores} torch threads)",
         "runs": [],
     }
     try:
@@ -157,24 +211,21 @@ def main() -> None:
             data = write_synth(
                 SynthConfig(num_images=n, resolution=args.resolution, rows_per_shard=64), work / f"in{n}"
             )
-            cfg = load_pipeline_config(
-                args.preset,
-                [
-                    f"preprocess.input={data}",
-                    f"preprocess.output={work / f'ray{n}'}",
-                    f"preprocess.resolution={args.resolution}",
-                    f"preprocess.encode_batch_size={args.encode_batch_size}",
-                    f"preprocess.encode_threads={cores}",
-                ],
-            )
+            cfg = pipeline_config(args, data, work / f"ray{n}", cores)
             (work / f"plain{n}").mkdir()
             plain_s = plain_loop(cfg, data, work / f"plain{n}")
-            timed = ray_pipeline(cfg, files=-(-n // 64))
+            timed = ray_pipeline(cfg, files=-(-n // 64), cores=cores)
             ray_s = timed["s"]
             run = {"images": n, "plain_s": round(plain_s, 2), "ray_s": round(ray_s, 2),
                    "speedup": round(plain_s / ray_s, 2), "ray_pipeline_s": timed["pipeline_s"],
                    "commits_s": timed["commits_s"],
                    "plain_images_per_s": round(n / plain_s, 2), "ray_images_per_s": round(n / ray_s, 2)}  # fmt: skip
+            if args.file_per_task:
+                with one_read_task_per_file():
+                    per_file_cfg = pipeline_config(args, data, work / f"ray{n}-per-file", cores)
+                    per_file = ray_pipeline(per_file_cfg, files=-(-n // 64), cores=cores)
+                run["ray_file_per_task_s"] = round(per_file["s"], 2)
+                run["packed_vs_file_per_task"] = round(per_file["s"] / ray_s, 2)
             print(run, flush=True)
             result["runs"].append(run)
         if len(result["runs"]) >= 2:
@@ -187,7 +238,6 @@ def main() -> None:
         result["load_average_at_end"] = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        ray.shutdown()
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"preprocess_{args.preset}_{args.resolution}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
