@@ -8,7 +8,8 @@
 
 `--workload encode` times what a preprocessing encoder actor runs instead: `Encoder.encode` (the sd15 VAE
 encoder and text encoder, inference, fp32) on batches of 16 images at `--resolution` px, in a thread as Ray
-Data runs it; a "step" is one batch.
+Data runs it; a "step" is one batch. `--workload sample` times what a batch-generation sampler actor runs:
+`Sampler.generate` of 2 images (one batch, guidance on, 4 Euler steps, VAE decode) at `--resolution` px.
 
 The allocator is chosen when a process starts (LD_PRELOAD), so each measurement is a fresh child process of
 this script, the two allocators alternating within each round: the sd15 architecture's UNet (860M
@@ -61,13 +62,35 @@ def encode_step(resolution: int):
     return lambda: encoder.encode(pixels, ids)
 
 
+def sample_step(resolution: int):
+    """One batch of 2 images, 4 denoising steps, as a batch-generation sampler actor runs it."""
+    from sdray.models.components import load_components
+    from sdray.models.config import ModelConfig
+    from sdray.serve.request import GenerationRequest
+    from sdray.serve.sampler import Sampler
+
+    sampler = Sampler(
+        load_components(ModelConfig(preset="sd15")), source="sd15", device="cpu", dtype="float32"
+    )
+    request = GenerationRequest(
+        prompt="a red cube on a table",
+        seeds=(0, 1),
+        width=resolution,
+        height=resolution,
+        steps=4,
+        guidance_scale=7.5,
+        scheduler="euler",
+    )
+    return lambda: sampler.generate([request], max_batch=2)
+
+
 def child(resolution: int, steps: int, workload: str) -> dict:
     """Run ``steps`` training steps (or encoder batches) in a thread; per step: seconds, minor faults,
     system CPU seconds."""
     import torch
 
-    if workload == "encode":
-        return timed_steps(encode_step(resolution), steps)
+    if workload in ("encode", "sample"):
+        return timed_steps((encode_step if workload == "encode" else sample_step)(resolution), steps)
     from cpu_step_speed import _batch_maker, _unet_step
 
     from sdray.models.components import load_components
@@ -145,9 +168,15 @@ def measure(allocator: str, args) -> dict:
 
 
 def markdown(record: dict) -> str:
-    encode = record.get("workload") == "encode"
-    what = "the sd15 encoders' batch" if encode else "the sd15 UNet's step"
-    setup = "VAE encoder and text encoder, inference, batch 16" if encode else "batch 2, fused AdamW"
+    what, setup, unit = {
+        "train": ("the sd15 UNet's step", "batch 2, fused AdamW", "one optimizer step"),
+        "encode": (
+            "the sd15 encoders' batch",
+            "VAE encoder and text encoder, inference, batch 16",
+            "one batch",
+        ),
+        "sample": ("the sd15 sampler's batch", "2 images, guidance, 4 Euler steps, VAE decode", "one batch"),
+    }[record.get("workload", "train")]
     lines = [
         f"# {what[0].upper() + what[1:]} by memory allocator ({record['date']})",
         "",
@@ -155,7 +184,7 @@ def markdown(record: dict) -> str:
         f"{record['load_average_end']} at the end. `{record['command']}`",
         "",
         f"sd15 architecture (random weights), {record['resolution']} px, {setup}, 2 threads, fp32; "
-        f"{record['steps']} steps (a step: {'one batch' if encode else 'one optimizer step'}) a process, "
+        f"{record['steps']} steps (a step: {unit}) a process, "
         f"{record['rounds']} rounds, the allocators alternating.",
         "",
         "| round | allocator | first step, s | later steps, s (median) | page faults a later step | "
@@ -185,7 +214,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6, help="steps a process (the first is reported apart)")
     parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--workload", choices=["train", "encode"], default="train")
+    parser.add_argument("--workload", choices=["train", "encode", "sample"], default="train")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="allocator", help="results file stem under benchmarks/results")
     args = parser.parse_args()

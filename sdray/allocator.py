@@ -1,5 +1,5 @@
-"""Which memory allocator a model-running worker (training worker, preprocessing encoder actor) runs on:
-jemalloc that keeps what it frees, or the system's.
+"""Which memory allocator a model-running worker (training worker, preprocessing encoder actor, batch
+generation sampler actor) runs on: jemalloc that keeps what it frees, or the system's.
 
 A training step frees and allocates the same gigabytes again every step (activations, each backward's
 gradients). glibc's malloc hands blocks over 32 MB, and freed memory at the top of its heaps, back to the
@@ -8,10 +8,11 @@ guest memory to its host (free page reporting, as on the 2-core dev machine) suc
 microseconds: the sd15 UNet's step at 256 px, batch 2, faulted 1.7 million pages and took 27.6 s, against
 7.3 s and no faults under jemalloc (3.8x; benchmarks/results/allocator.md). The sd15 encoders at 256 px
 (VAE and text encoder, batch 16, inference) faulted 7 million pages a batch and ran at 0.8 images/s, against
-1.1 under jemalloc (benchmarks/results/preprocess_allocator_sd15_256.md).
+1.1 under jemalloc (benchmarks/results/preprocess_allocator_sd15_256.md); the sd15 sampler's batch, 21.1 s
+against 14.7 s (benchmarks/results/batchgen_allocator_sd15_256.md).
 
 `jemalloc` preloads the jemalloc that Ray ships inside its wheel (`ray/core/libjemalloc.so`, the allocator
-of Ray's own processes) into the Ray Train workers and the encoder actors, configured never to return freed memory
+of Ray's own processes) into the Ray Train workers and those actors, configured never to return freed memory
 (`dirty_decay_ms:-1,muzzy_decay_ms:-1`): after the first step nothing is faulted. The cost is that a worker
 keeps its peak memory until it exits, which a training worker reaches at every step anyway. Settings the
 user made win: an existing `MALLOC_CONF` is kept, and the library is added to an existing `LD_PRELOAD`.

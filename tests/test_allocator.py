@@ -107,3 +107,22 @@ def test_both_training_stages_start_their_workers_with_the_configured_allocator(
     }
     for stage, trainer in trainers.items():
         assert trainer.run_config.worker_runtime_env == {"env_vars": allocator.worker_env(choice)}, stage
+
+
+@pytest.mark.parametrize("choice", ["jemalloc", "system"])
+def test_batch_generation_starts_its_sampler_actors_with_the_configured_allocator(
+    ray_session, tmp_path, choice
+):
+    import pyarrow as pa
+
+    from sdray.preprocess.dataset import build_generation_dataset
+    from sdray.preprocess.manifest import OutputDir
+
+    cfg = load_pipeline_config("tiny", [f"batch_generate.allocator={choice}"])
+    ds = build_generation_dataset(cfg, pa.table({"id": ["a", "b"]}), OutputDir(str(tmp_path / "out")))
+    ops, op = {}, ds._logical_plan.dag  # the plan as built, before anything runs
+    while op is not None:
+        ops[op.name] = getattr(op, "ray_remote_args", {})  # the source (FromArrow) has none
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    assert ops["MapBatches(SamplerActor)"]["runtime_env"] == {"env_vars": allocator.worker_env(choice)}
+    assert "runtime_env" not in ops["MapBatches(write_images)"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdray.allocator import Allocator
 from sdray.errors import ConfigError
 from sdray.serve.config import SCHEDULER_NAMES
 
@@ -38,6 +39,11 @@ class BatchGenerateConfig:
     """CPUs Ray reserves per sampler actor."""
     threads: int = 0
     """Torch threads of a sampler actor on CPU; 0: the node's cores / concurrency."""
+    allocator: Allocator = "jemalloc"
+    """Memory allocator of the sampler actors, as `train.allocator`: `jemalloc` (Ray's, kept from returning
+    freed memory, so a denoising step does not fault its activations in again) or `system`. On the 2-core dev
+    VM the sd15 sampler at 256 px (2 images, 4 steps) took 14.7 s a batch instead of 21.1 (1.44x)
+    (benchmarks/results/batchgen_allocator_sd15_256.md)."""
     rows_per_shard: int = 256
     """Images per output parquet shard (at most; a shard never mixes prompt files)."""
 

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from sdray.allocator import Allocator, check_loaded
 from sdray.batchgen.prompts import SAMPLING_FIELDS, to_request
 from sdray.config import from_dict
 from sdray.data.cache import SHARD_PREFIX
@@ -42,9 +43,18 @@ IMAGE_SCHEMA = pa.schema(
 class SamplerActor:
     """``map_batches`` class: loads the model (and LoRAs) once, adds ``png`` (bytes) and ``sample_s``."""
 
-    def __init__(
-        self, *, model: dict[str, Any], loras: list[str], batch_size: int, threads: int = 0, actors: int = 1
+    def __init__(  # noqa: PLR0913 - the actor's settings, all keyword-only
+        self,
+        *,
+        model: dict[str, Any],
+        loras: list[str],
+        batch_size: int,
+        threads: int = 0,
+        actors: int = 1,
+        allocator: Allocator | None = None,
     ) -> None:
+        if allocator:  # the one this actor was started with: warns if it did not load
+            check_loaded(allocator, "sampler actor", report=True)
         from sdray.models.components import load_components
         from sdray.models.lora import LoraSpec
         from sdray.serve.sampler import Sampler

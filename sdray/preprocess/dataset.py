@@ -59,8 +59,9 @@ def read_tasks(file_rows: list[int], *, rows_per_task: int, min_tasks: int) -> i
 
     Every read task's rows travel through decode, encode and write as blocks of their own, and on a small
     cluster Ray Data's per-block cost (scheduling, a task per stage, object transfers) outweighs the work
-    on small blocks: 64 files of 64 tiny-model images took 27 s as 64 tasks and 15 s as 8 on 2 cores. A
-    task's files are committed once its rows are written, so a kill still loses at most the tasks in flight.
+    on small blocks: 64 files of 64 tiny-model images took 33.8 s as 64 tasks and 11.2 s as 8 on 2 cores
+    (benchmarks/results/preprocess_tiny_64.md). A task's files are committed once its rows are written, so a
+    kill still loses at most the tasks in flight.
     """
     if not file_rows:
         return 0
@@ -155,12 +156,14 @@ def build_generation_dataset(cfg: PipelineConfig, rows: pa.Table, out: OutputDir
         compute=ray.data.ActorPoolStrategy(size=gen.concurrency),
         num_cpus=gen.num_cpus,
         num_gpus=encoder_gpus(gen.num_gpus),
+        runtime_env={"env_vars": allocator.worker_env(gen.allocator)},
         fn_constructor_kwargs={
             "model": to_dict(cfg.model),
             "loras": list(gen.loras),
             "batch_size": gen.batch_size,
             "threads": gen.threads,
             "actors": gen.concurrency,
+            "allocator": gen.allocator,
         },
     )
     return ds.map_batches(
