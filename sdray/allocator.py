@@ -54,6 +54,12 @@ def worker_env(allocator: Allocator) -> dict[str, str]:
     }
 
 
+def runtime_env(allocator: Allocator) -> dict[str, dict[str, str]]:
+    """The Ray runtime_env of a worker or actor that runs ``allocator`` (Ray Train's worker_runtime_env,
+    Ray Data's map_batches runtime_env)."""
+    return {"env_vars": worker_env(allocator)}
+
+
 def loaded_allocator() -> str:
     """'jemalloc' where this process has jemalloc mapped, else 'system' (read from /proc/self/maps)."""
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from data_plan import remote_args_by_op
 
 from sdray import allocator
 from sdray.config import from_dict
@@ -120,9 +121,6 @@ def test_batch_generation_starts_its_sampler_actors_with_the_configured_allocato
 
     cfg = load_pipeline_config("tiny", [f"batch_generate.allocator={choice}"])
     ds = build_generation_dataset(cfg, pa.table({"id": ["a", "b"]}), OutputDir(str(tmp_path / "out")))
-    ops, op = {}, ds._logical_plan.dag  # the plan as built, before anything runs
-    while op is not None:
-        ops[op.name] = getattr(op, "ray_remote_args", {})  # the source (FromArrow) has none
-        op = op.input_dependencies[0] if op.input_dependencies else None
+    ops = remote_args_by_op(ds)  # the plan as built, before anything runs
     assert ops["MapBatches(SamplerActor)"]["runtime_env"] == {"env_vars": allocator.worker_env(choice)}
     assert "runtime_env" not in ops["MapBatches(write_images)"]

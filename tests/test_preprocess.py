@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from data_plan import remote_args_by_op
 from PIL import Image
 
 from sdray import allocator
@@ -282,10 +283,7 @@ def test_encoder_actors_start_with_the_configured_allocator(
         out=OutputDir(str(tmp_path / "out")),
         info=cache_info(tiny_components, cfg),
     )
-    ops, op = {}, ds._logical_plan.dag  # the plan as built, before anything runs
-    while op is not None:
-        ops[op.name] = op.ray_remote_args
-        op = op.input_dependencies[0] if op.input_dependencies else None
+    ops = remote_args_by_op(ds)  # the plan as built, before anything runs
     assert ops["MapBatches(Encoder)"]["runtime_env"] == {"env_vars": allocator.worker_env(choice)}
     assert "runtime_env" not in ops["MapBatches(decode_batch)"]  # only the model-running actors
 

@@ -116,7 +116,7 @@ def build_dataset(
         compute=ray.data.ActorPoolStrategy(size=pre.encode_concurrency),
         num_cpus=pre.encode_num_cpus,
         num_gpus=encoder_gpus(pre.encode_num_gpus),
-        runtime_env={"env_vars": allocator.worker_env(pre.encode_allocator)},
+        runtime_env=allocator.runtime_env(pre.encode_allocator),
         fn_constructor_kwargs={
             "model": to_dict(cfg.model),
             "info_json": info.to_json(),
@@ -156,7 +156,7 @@ def build_generation_dataset(cfg: PipelineConfig, rows: pa.Table, out: OutputDir
         compute=ray.data.ActorPoolStrategy(size=gen.concurrency),
         num_cpus=gen.num_cpus,
         num_gpus=encoder_gpus(gen.num_gpus),
-        runtime_env={"env_vars": allocator.worker_env(gen.allocator)},
+        runtime_env=allocator.runtime_env(gen.allocator),
         fn_constructor_kwargs={
             "model": to_dict(cfg.model),
             "loras": list(gen.loras),

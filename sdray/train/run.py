@@ -217,7 +217,7 @@ def _trainer(spec: RunSpec, datasets: dict[str, Any], tracked: tracking_run.Trac
             storage_path=cfg.storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            worker_runtime_env={"env_vars": allocator.worker_env(cfg.allocator)},
+            worker_runtime_env=allocator.runtime_env(cfg.allocator),
         ),
         datasets=datasets,  # empty with the memory loader: the workers read the cache themselves
         dataset_config=DataConfig(execution_options=ingest),

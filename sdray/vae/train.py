@@ -279,6 +279,6 @@ def _trainer(cfg: VaeTrainConfig, loop_config: dict, train_ds, val_ds) -> TorchT
             storage_path=str(Path(cfg.output).absolute() / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            worker_runtime_env={"env_vars": allocator.worker_env(cfg.allocator)},
+            worker_runtime_env=allocator.runtime_env(cfg.allocator),
         ),
     )
