@@ -271,6 +271,9 @@ def atomic_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
+        tmp.chmod(
+            0o777 & ~_umask()
+        )  # mkdtemp's 0700 would hide an export from the group as a mkdir would not
         yield tmp
         if target.exists():
             shutil.rmtree(target)
@@ -278,6 +281,19 @@ def atomic_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """This process's umask (read without changing it where /proc says; os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def publish_dir(local_dir: str | Path, uri: str) -> str:

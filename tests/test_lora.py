@@ -9,6 +9,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from sdray.errors import ConfigError, InputError
 from sdray.models.components import load_components
@@ -306,3 +307,8 @@ def test_sdray_export_of_a_lora_checkpoint_writes_the_ema_adapter(tmp_path):
         module, _, part = name.partition(".lora_")
         key = f"unet.{module}.lora.{'down' if part.startswith('A') else 'up'}.weight"
         assert torch.equal(exported[key], shadow) and not torch.equal(shadow, raw), name
+    # an earlier adapter export is replaced (its marker is sdray_lora.yaml, not a model export's)
+    assert main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--raw"]) == 0
+    assert yaml.safe_load((out / INFO_FILE).read_text())["weights"] == "raw"
+    exported = load_file(out / WEIGHTS_FILE)
+    assert any(torch.equal(t, state.params[0]) for t in exported.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import pickle
 from pathlib import Path
 
@@ -82,6 +83,18 @@ def test_a_staged_directory_replaces_the_target_only_when_complete(tmp_path):
         assert staged.parent == tmp_path  # beside the target: renamed into place, not copied
         (staged / "new.txt").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o755), (0o027, 0o750), (0o077, 0o700)])
+def test_a_staged_directory_gets_the_permissions_of_a_mkdir(tmp_path, umask, mode):
+    """Not mkdtemp's 0700: an export or a cache must be readable where the user's umask lets mkdir's be."""
+    before = os.umask(umask)
+    try:
+        with storage.staged_dir(str(tmp_path / "model")) as staged:
+            (staged / "f.txt").write_text("x")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "model").stat().st_mode & 0o777 == mode
 
 
 def test_bad_uri_is_an_input_error():

@@ -328,6 +328,34 @@ def test_rerun_with_fewer_steps_trains_nothing_and_keeps_the_saved_config(baseli
     assert (out / "train_config.yaml").read_bytes() == saved  # still describes the run
 
 
+def test_a_finished_run_whose_export_is_older_than_its_last_checkpoint_is_exported_again(
+    baseline, train_cache
+):
+    """Rank 0 exports when it finishes; a run stopped between its last checkpoint and that export (here: an
+    export recorded at an earlier step) is not taken as done: the rerun resumes at the end and exports."""
+    out, result = baseline
+    info = out / "model" / "sdray_train.yaml"
+    recorded = yaml.safe_load(info.read_text())
+    assert recorded["step"] == STEPS and recorded["weights"] == "ema"
+    before = (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    info.write_text(yaml.safe_dump({**recorded, "step": 12}))
+    rerun = run_training(_cfg(train_cache, out), ModelConfig())
+    assert not rerun.already_done and rerun.step == STEPS and rerun.model == result.model
+    assert yaml.safe_load(info.read_text())["step"] == STEPS
+    assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert [r["step"] for r in read_metrics(str(out))] == list(range(1, STEPS + 1))  # nothing trained again
+
+
+def test_a_foreign_folder_where_the_model_goes_is_refused_before_training(train_cache, tmp_path):
+    from sdray.errors import InputError
+
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"model is not empty \(notes.txt\) and is not an sdray export"):
+        run_training(_cfg(train_cache, tmp_path / "run"), ModelConfig())
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model"]  # nothing started
+
+
 def test_export_refuses_a_folder_it_did_not_write_and_lists_existing_checkpoints(baseline, tmp_path, capsys):
     from pipelines.export import main
 

@@ -26,7 +26,8 @@ from sdray import storage
 from sdray.config import from_dict, to_dict
 from sdray.data.cache import CacheInfo
 from sdray.errors import ConfigError, InputError, SdrayError
-from sdray.models.config import ModelConfig
+from sdray.models.config import TRAIN_INFO_FILE, ModelConfig
+from sdray.models.lora import INFO_FILE as LORA_INFO_FILE
 from sdray.train.config import TrainConfig
 from sdray.train.seeds import Stream, stream_seed
 
@@ -42,6 +43,10 @@ DIVERGED_FILE = "diverged.json"
 """In the run directory: the workers' record of a NaN/inf loss (step, last good checkpoint)."""
 CLASS_DATASET = "class"
 """The Ray Train dataset name of DreamBooth's class-image cache."""
+MODEL_DIR = "model"
+"""In the run directory: the exported diffusers model of a full fine-tuning run."""
+LORA_DIR = "lora"
+"""In the run directory: the exported adapter of a `train.lora` run."""
 
 
 def rng_file(rank: int) -> str:
@@ -82,6 +87,31 @@ def write_checkpoint_dir(out: Path, state: TrainingState, spec: RunSpec, rank: i
         (out / RUN_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
         (out / INFO_FILE).write_text(spec.info.to_json())
     torch.save(state.rng_state_dict(), out / rng_file(rank))
+
+
+def export_uri(cfg: TrainConfig) -> str:
+    """Where a run's model is exported: ``<output>/model``, or ``<output>/lora`` with `train.lora`."""
+    return storage.join(cfg.output, LORA_DIR if cfg.lora.enabled else MODEL_DIR)
+
+
+def exported_step(cfg: TrainConfig) -> int | None:
+    """The training step of the export in `export_uri(cfg)`, or None where there is none (or it is unreadable)."""
+    info = storage.join(export_uri(cfg), LORA_INFO_FILE if cfg.lora.enabled else TRAIN_INFO_FILE)
+    if not storage.exists(info):
+        return None
+    try:
+        step = yaml.safe_load(storage.read_bytes(info)).get("step")
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def refuse_to_replace_export(out_uri: str, *, overwrite: bool) -> None:
+    """Refuse to export into ``out_uri`` when it is a non-empty folder other than an earlier sdray export (of
+    a full fine-tuning or a LoRA run), unless ``overwrite``."""
+    if any(storage.exists(storage.join(out_uri, marker)) for marker in (TRAIN_INFO_FILE, LORA_INFO_FILE)):
+        return
+    storage.refuse_to_replace(out_uri, marker=TRAIN_INFO_FILE, what="an sdray export", overwrite=overwrite)
 
 
 def save(state: TrainingState, spec: RunSpec, rank: int, metrics: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 import yaml
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
@@ -20,7 +21,7 @@ from sdray import storage
 from sdray.errors import InputError
 from sdray.models import lora as lora_files
 from sdray.models.components import load_components, save_components
-from sdray.models.config import TRAIN_INFO_FILE
+from sdray.models.config import TRAIN_INFO_FILE, ModelConfig, architecture
 from sdray.train import checkpoint, lora
 from sdray.train.checkpoint import RunSpec
 from sdray.train.validation import FROZEN_PARTS
@@ -38,58 +39,69 @@ def export_checkpoint(
     Returns:
         ``out_uri``.
     """
-    storage.refuse_to_replace(out_uri, marker=TRAIN_INFO_FILE, what="an sdray export", overwrite=overwrite)
+    checkpoint.refuse_to_replace_export(out_uri, overwrite=overwrite)
     spec = checkpoint.read_spec(checkpoint_dir)
     state = checkpoint.read_shared_state(checkpoint_dir)
     if spec.train.lora.enabled:
-        return export_lora(spec, state, out_uri, use_ema=use_ema, origin=str(checkpoint_dir))
-    components = load_components(spec.model, (*FROZEN_PARTS, "unet"))
-    unet: UNet2DConditionModel = components.unet
-    unet.load_state_dict(state["unet"], assign=True)  # the checkpoint's (memory-mapped) tensors, not a copy
+        # The base UNet is rebuilt from the run's model config (on the CPU, fp32) only to carry the adapter.
+        unet = load_components(spec.model, ["unet"]).unet
+        params = lora.add_adapter(unet, spec.train.lora, seed=0)  # its init is replaced by the checkpoint's
+        lora.load_adapter_state_dict(unet, state["unet"], origin=str(checkpoint_dir))
+    else:
+        unet = trained_unet(spec.model, state["unet"])
+        params = list(unet.parameters())
+    ema = None
     if use_ema and state["ema"] is not None:
-        ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
+        ema = EMAModel(params)
         ema.load_state_dict(state["ema"])
-        ema.copy_to(unet.parameters())
-    components.scheduler = DDPMScheduler.from_config(
-        components.scheduler.config, prediction_type=spec.train.loss.prediction_type
-    )
-    info = {"step": state["step"], "weights": "ema" if use_ema and state["ema"] is not None else "raw"}
-    with storage.staged_dir(out_uri) as staged:
-        save_components(components, staged)
-        (staged / TRAIN_INFO_FILE).write_text(yaml.safe_dump({**info, **spec.to_dict()}, sort_keys=False))
-    log.info("exported step %d (%s weights) to %s", state["step"], info["weights"], out_uri)
-    return out_uri
+    return write_export(spec, unet, params, ema, state["step"], out_uri)
 
 
-def export_lora(
-    spec: RunSpec, state: dict, out_uri: str, *, use_ema: bool = True, origin: str = "checkpoint"
+def write_export(
+    spec: RunSpec,
+    unet: UNet2DConditionModel,
+    params: list[torch.nn.Parameter],
+    ema: EMAModel | None,
+    step: int,
+    out_uri: str,
 ) -> str:
-    """Write the LoRA adapter of a checkpoint's shared ``state`` (EMA weights by default) to ``out_uri``.
+    """Write the model of a run at ``step`` to ``out_uri``: its diffusers model directory, or with `train.lora`
+    its adapter's directory; ``ema``'s weights are copied into ``params`` (``unet``'s trained parameters)
+    first, so a training worker calls this only when it is done with ``unet``.
 
-    The base UNet is rebuilt from the run's model config (on the CPU, fp32) only to carry the adapter.
+    Returns:
+        ``out_uri``.
     """
-    unet = load_components(spec.model, ["unet"]).unet
-    params = lora.add_adapter(unet, spec.train.lora, seed=0)  # its init is replaced by the checkpoint's
-    lora.load_adapter_state_dict(unet, state["unet"], origin=origin)
-    ema = use_ema and state["ema"] is not None
-    if ema:
-        shadow = EMAModel(params)
-        shadow.load_state_dict(state["ema"])
-        shadow.copy_to(params)
-    info = {
-        "step": state["step"],
-        "weights": "ema" if ema else "raw",
-        "base_model": spec.model.source,
-        "trainable_parameters": sum(p.numel() for p in params),
-        **spec.to_dict(),
-    }
+    if ema is not None:
+        ema.copy_to(params)
+    info = {"step": step, "weights": "raw" if ema is None else "ema"}
     with storage.staged_dir(out_uri) as staged:
-        lora.save_lora_dir(unet, staged, kohya=spec.train.lora.kohya)
-        (staged / lora_files.INFO_FILE).write_text(yaml.safe_dump(info, sort_keys=False))
-    log.info(
-        "exported the LoRA adapter of step %d (%s weights) to %s", state["step"], info["weights"], out_uri
-    )
+        if spec.train.lora.enabled:
+            lora.save_lora_dir(unet, staged, kohya=spec.train.lora.kohya)
+            info |= {"base_model": spec.model.source, "trainable_parameters": sum(p.numel() for p in params)}
+            (staged / lora_files.INFO_FILE).write_text(
+                yaml.safe_dump({**info, **spec.to_dict()}, sort_keys=False)
+            )
+        else:
+            components = load_components(spec.model, FROZEN_PARTS)
+            components.unet = unet
+            components.scheduler = DDPMScheduler.from_config(
+                components.scheduler.config, prediction_type=spec.train.loss.prediction_type
+            )
+            save_components(components, staged)
+            (staged / TRAIN_INFO_FILE).write_text(yaml.safe_dump({**info, **spec.to_dict()}, sort_keys=False))
+    what = "the LoRA adapter" if spec.train.lora.enabled else "the model"
+    log.info("exported %s of step %d (%s weights) to %s", what, step, info["weights"], out_uri)
     return out_uri
+
+
+def trained_unet(model: ModelConfig, weights: dict[str, torch.Tensor]) -> UNet2DConditionModel:
+    """The UNet of ``model``'s architecture holding ``weights`` (a checkpoint's memory-mapped tensors, not
+    copies); built on the meta device, so the base model's own weights are never read or initialised."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(architecture(model, "unet"))
+    unet.load_state_dict(weights, assign=True)  # strict: every parameter and buffer comes from the checkpoint
+    return unet.eval()
 
 
 def export_from_uri(
@@ -100,7 +112,7 @@ def export_from_uri(
 
     if not storage.exists(checkpoint_uri):
         raise InputError(f"checkpoint {checkpoint_uri} does not exist{_existing_checkpoints(checkpoint_uri)}")
-    storage.refuse_to_replace(out_uri, marker=TRAIN_INFO_FILE, what="an sdray export", overwrite=overwrite)
+    checkpoint.refuse_to_replace_export(out_uri, overwrite=overwrite)
     with storage.checkpoint_files(Checkpoint(storage.absolute(checkpoint_uri))) as local:
         return export_checkpoint(local, out_uri, use_ema=use_ema, overwrite=overwrite)
 

@@ -25,15 +25,20 @@ from sdray.models.config import ModelConfig, architecture
 from sdray.tracking import run as tracking_run
 from sdray.tracking.config import TrackingConfig
 from sdray.train.bucket_batcher import SUMMARY_FILE, plan_summary
-from sdray.train.checkpoint import CLASS_DATASET, DIVERGED_FILE, RunSpec
+from sdray.train.checkpoint import (
+    CLASS_DATASET,
+    DIVERGED_FILE,
+    RunSpec,
+    export_uri,
+    exported_step,
+    refuse_to_replace_export,
+)
 from sdray.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = "train"
 CONFIG_FILE = "train_config.yaml"
-MODEL_DIR = "model"
-LORA_DIR = "lora"
 
 
 class TrainingDiverged(SdrayError):
@@ -58,6 +63,11 @@ class TrainResult:
     """The run was already at or past ``max_steps``: nothing was trained, nothing rewritten."""
 
 
+def checkpoint_step(path: str) -> int:
+    """The step in a ``checkpoint-step-*`` folder's name."""
+    return int(path.rstrip("/").rpartition("-")[2])
+
+
 def latest_checkpoint(storage_path: str) -> tuple[int, str] | None:
     """(step, URI) of the newest ``checkpoint-step-*`` folder of a run's Ray Train storage, if any."""
     import pyarrow.fs as pafs
@@ -67,7 +77,7 @@ def latest_checkpoint(storage_path: str) -> tuple[int, str] | None:
         return None
     fs, path = storage.resolve(folder)
     steps = [
-        (int(e.base_name.rpartition("-")[2]), e.base_name)
+        (checkpoint_step(e.base_name), e.base_name)
         for e in fs.get_file_info(pafs.FileSelector(path))
         if e.type == pafs.FileType.Directory and re.fullmatch(r"checkpoint-step-\d+", e.base_name)
     ]
@@ -92,10 +102,9 @@ def _already_done(cfg: TrainConfig) -> TrainResult | None:
     latest = latest_checkpoint(cfg.storage_path)
     if latest is None or latest[0] < cfg.max_steps:
         return None
-    exported = storage.join(cfg.output, LORA_DIR if cfg.lora.enabled else MODEL_DIR)
-    if cfg.export and not storage.exists(exported):
-        return None  # stopped between the last checkpoint and the export: the normal path exports
-    exported = exported if cfg.export else None
+    if cfg.export and exported_step(cfg) != latest[0]:
+        return None  # stopped between the last checkpoint and its export: the normal path exports
+    exported = export_uri(cfg) if cfg.export else None
     return TrainResult(
         output=cfg.output,
         step=latest[0],
@@ -312,6 +321,8 @@ def run_training(
     check_lora(cfg, model_cfg)
     _check_same_kind(output, cfg)
     _refuse_output_in_cache(cfg.data, output)
+    if cfg.export:  # before training, not after it
+        refuse_to_replace_export(export_uri(cfg), overwrite=False)
     done = _already_done(cfg)  # before train_config.yaml is rewritten: it must keep describing the run
     if done is not None:
         return done
@@ -357,14 +368,14 @@ def _fit_and_export(
     if storage.exists(diverged_uri):
         _raise_diverged(diverged_uri, result)
 
-    # 5. Export the final weights: a diffusers model directory, or the LoRA adapter's directory.
-    exported = None
-    if cfg.export and latest is not None:
+    # 5. The final weights, a diffusers model directory or the LoRA adapter's: rank 0 exported them from
+    # memory when it finished; exported here from the last checkpoint where it did not (a worker lost after it).
+    exported = export_uri(cfg) if cfg.export and latest is not None else None
+    if exported and exported_step(cfg) != checkpoint_step(latest.path):
         from sdray.train.export import export_checkpoint
 
-        target = storage.join(output, LORA_DIR if cfg.lora.enabled else MODEL_DIR)
         with storage.checkpoint_files(latest) as directory:
-            exported = export_checkpoint(directory, target, use_ema=cfg.export_ema)
+            export_checkpoint(directory, exported, use_ema=cfg.export_ema)
     step = int(result.metrics.get("step", 0)) if result.metrics else 0
     return TrainResult(
         output=output,
