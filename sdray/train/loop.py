@@ -303,11 +303,14 @@ def train_worker(config: dict) -> None:
 
 
 def _export(spec: RunSpec, state: TrainingState) -> None:
-    """Rank 0's export of the finished run (`train.export`); the trained weights change when EMA's are
-    exported, so nothing runs after it."""
+    """Rank 0's export of the finished run (`train.export`). It changes the state (EMA's weights copied into
+    the UNet, AdamW's moments dropped): nothing runs after it."""
     from sdray.train.export import write_export
 
     ema = state.ema if spec.train.export_ema else None
+    # AdamW's moments (twice the UNet) are saved in the checkpoint: freed, they hold the frozen parts the
+    # export loads, so the worker's peak memory does not grow
+    state.optimizer.state.clear()
     write_export(spec, state.unet, state.params, ema, state.step, checkpoint.export_uri(spec.train))
 
 
