@@ -10,6 +10,10 @@
 encoder and text encoder, inference, fp32) on batches of 16 images at `--resolution` px, in a thread as Ray
 Data runs it; a "step" is one batch. `--workload sample` times what a batch-generation sampler actor runs:
 `Sampler.generate` of 2 images (one batch, guidance on, 4 Euler steps, VAE decode) at `--resolution` px.
+`--workload serve` times what a model replica (2 CPUs) runs behind `sdray serve` (`serve.allocator`): one request
+for 1 image at `--resolution` px (guidance on, 4 steps, PNG) to a private local Ray and Serve with the sd15
+model directory `--model` (built, untimed, when missing); there the allocator is the replica's (the child
+process only sends requests), and the page faults and system CPU are read from the replica's process.
 
 The allocator is chosen when a process starts (LD_PRELOAD), so each measurement is a fresh child process of
 this script, the two allocators alternating within each round: the sd15 architecture's UNet (860M
@@ -30,6 +34,7 @@ import json
 import os
 import platform
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -84,11 +89,59 @@ def sample_step(resolution: int):
     return lambda: sampler.generate([request], max_batch=2)
 
 
-def child(resolution: int, steps: int, workload: str) -> dict:
-    """Run ``steps`` training steps (or encoder batches) in a thread; per step: seconds, minor faults,
-    system CPU seconds."""
+def serve_requests(resolution: int, steps: int, choice: str, model: Path) -> dict:
+    """``steps`` requests, one at a time, to an sdray app whose model replica runs ``choice``; the replica's
+    faults and system CPU per request (read from /proc: the replica is another process)."""
+    import httpx
+    import psutil
+    import ray
+    from ray import serve
+
+    from sdray.models.config import ModelConfig
+    from sdray.serve.app import start
+    from sdray.serve.config import ServeConfig
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = ServeConfig(port=port, allocator=choice, num_cpus=2, max_batch_size=1, request_timeout_s=600)
+    url = start(cfg, ModelConfig(path=str(model)))
+    replica = next(
+        p for p in psutil.process_iter(["cmdline"]) if "SDModel" in " ".join(p.info["cmdline"] or [])
+    )
+    loaded = serve.get_deployment_handle("SDModel", app_name="sdray").stats.remote().result()["allocator"]
+    body = {"prompt": "a red cube on a table", "size": f"{resolution}x{resolution}", "steps": 4, "seed": 0}
+
+    def usage() -> tuple[int, float]:
+        fields = Path(f"/proc/{replica.pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[7]), replica.cpu_times().system  # minflt: field 10 of stat, 8th after the name
+
+    rows = []
+    with httpx.Client(timeout=600) as client:
+        for _ in range(steps):
+            (faults, sys_s), start_s = usage(), time.perf_counter()
+            client.post(url + "v1/images/generations", json=body).raise_for_status()
+            seconds, (faults_after, sys_after) = time.perf_counter() - start_s, usage()
+            rows.append(
+                {
+                    "s": round(seconds, 3),
+                    "minor_faults": faults_after - faults,
+                    "sys_s": round(sys_after - sys_s, 2),
+                }
+            )
+    serve.shutdown()
+    ray.shutdown()
+    return {"loaded": loaded, "steps": rows}
+
+
+def child(resolution: int, steps: int, workload: str, choice: str, model: Path) -> dict:
+    """Run ``steps`` training steps (or encoder batches, sampler batches, HTTP requests) in a thread; per
+    step: seconds, minor faults, system CPU seconds."""
     import torch
 
+    if workload == "serve":
+        return serve_requests(resolution, steps, choice, model)
     if workload in ("encode", "sample"):
         return timed_steps((encode_step if workload == "encode" else sample_step)(resolution), steps)
     from cpu_step_speed import _batch_maker, _unet_step
@@ -137,7 +190,8 @@ def measure(allocator: str, args) -> dict:
     from sdray.allocator import worker_env
 
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
-    env |= worker_env(allocator) if allocator == "jemalloc" else {}
+    if args.workload != "serve":  # serve: the replica gets it through serve.allocator, not the client
+        env |= worker_env(allocator) if allocator == "jemalloc" else {}
     cmd = [
         sys.executable,
         __file__,
@@ -148,6 +202,10 @@ def measure(allocator: str, args) -> dict:
         str(args.steps),
         "--workload",
         args.workload,
+        "--allocator",
+        allocator,
+        "--model",
+        str(args.model),
     ]
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -167,6 +225,13 @@ def measure(allocator: str, args) -> dict:
     }
 
 
+def save_sd15(model: Path) -> None:
+    """The sd15 architecture with random weights as a model directory (in a child: this process stays light)."""
+    save = "import sys; from sdray.models.components import load_components as l, save_components as s; "
+    save += "from sdray.models.config import ModelConfig; s(l(ModelConfig(preset='sd15')), sys.argv[1])"
+    subprocess.run([sys.executable, "-c", save, str(model)], check=True, capture_output=True)
+
+
 def markdown(record: dict) -> str:
     what, setup, unit = {
         "train": ("the sd15 UNet's step", "batch 2, fused AdamW", "one optimizer step"),
@@ -176,6 +241,11 @@ def markdown(record: dict) -> str:
             "one batch",
         ),
         "sample": ("the sd15 sampler's batch", "2 images, guidance, 4 Euler steps, VAE decode", "one batch"),
+        "serve": (
+            "an sd15 request to sdray serve",
+            "1 image, guidance, 4 steps, PNG; a private local Ray and Serve, one model replica",
+            "one HTTP request, the replica's faults and system CPU",
+        ),
     }[record.get("workload", "train")]
     lines = [
         f"# {what[0].upper() + what[1:]} by memory allocator ({record['date']})",
@@ -214,15 +284,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6, help="steps a process (the first is reported apart)")
     parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--workload", choices=["train", "encode", "sample"], default="train")
+    parser.add_argument("--workload", choices=["train", "encode", "sample", "serve"], default="train")
+    parser.add_argument(
+        "--model", type=Path, default=Path("/tmp/sdray-allocator/sd15"), help="serve: sd15 model directory"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--allocator", choices=ALLOCATORS, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="allocator", help="results file stem under benchmarks/results")
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is reported apart)")
     if args.child:
-        print(json.dumps(child(args.resolution, args.steps, args.workload)))
+        print(json.dumps(child(args.resolution, args.steps, args.workload, args.allocator, args.model)))
         return
+    if args.workload == "serve" and not (args.model / "model_index.json").is_file():
+        save_sd15(args.model)
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([".venv/bin/python", "benchmarks/allocator.py", *sys.argv[1:]]),

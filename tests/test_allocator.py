@@ -124,3 +124,33 @@ def test_batch_generation_starts_its_sampler_actors_with_the_configured_allocato
     ops = remote_args_by_op(ds)  # the plan as built, before anything runs
     assert ops["MapBatches(SamplerActor)"]["runtime_env"] == {"env_vars": allocator.worker_env(choice)}
     assert "runtime_env" not in ops["MapBatches(write_images)"]
+
+
+@pytest.mark.parametrize("topology", ["split", "single"])
+@pytest.mark.parametrize("choice", ["jemalloc", "system"])
+def test_serve_starts_its_model_replicas_with_the_configured_allocator(clean_env, choice, topology):
+    """The model replicas get the allocator's environment (with the API key in the single topology, where
+    the one replica is also the ingress); the split topology's ingress runs no model and gets only the key."""
+    from sdray.models.config import ModelConfig
+    from sdray.serve.app import build_app
+    from sdray.serve.config import ServeConfig
+
+    cfg = ServeConfig(allocator=choice, topology=topology)
+    app = build_app(cfg, ModelConfig(), api_key="k")
+    outer = app._bound_deployment  # Ray Serve's bound deployment: its options and init arguments
+    key = {cfg.api_key_env: "k"}
+    if topology == "single":
+        assert outer.name == "SDServer"
+        assert outer.ray_actor_options["runtime_env"] == {"env_vars": allocator.worker_env(choice) | key}
+        return
+    model = outer.init_args[0]._bound_deployment
+    assert outer.name == "SDIngress" and model.name == "SDModel"
+    assert outer.ray_actor_options["runtime_env"] == {"env_vars": key}
+    if choice == "jemalloc":
+        assert model.ray_actor_options["runtime_env"] == {"env_vars": allocator.worker_env("jemalloc")}
+        assert "LD_PRELOAD" in model.ray_actor_options["runtime_env"]["env_vars"]
+    else:  # nothing to set: the replica may reuse a worker process Ray already started
+        assert "runtime_env" not in model.ray_actor_options
+    assert ServeConfig().allocator == "jemalloc"
+    with pytest.raises(ConfigError, match="serve.allocator"):
+        from_dict(ServeConfig, {"allocator": "tcmalloc"}, where="serve")

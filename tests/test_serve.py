@@ -10,6 +10,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import httpx
 import numpy as np
@@ -53,7 +54,7 @@ def client(url):
         yield c
 
 
-def _model_stats() -> dict[str, int]:
+def _model_stats() -> dict[str, Any]:
     from ray import serve
 
     return serve.get_deployment_handle("SDModel", app_name="sdray").stats.remote().result()
@@ -72,6 +73,11 @@ def test_openai_api_returns_pngs_of_requested_size_and_count(client):
     # Server-Timing: the model replica's sampler + PNG time, inside the ingress handler's time.
     timing = read_server_timing(r.headers["Server-Timing"])
     assert 0 < float(timing["model"]) <= float(timing["ingress"])
+
+
+def test_the_model_replica_runs_jemalloc(client):
+    """serve.allocator's default reaches the replica's process (its preload checked in /proc/self/maps)."""
+    assert _model_stats()["allocator"] == "jemalloc"
 
 
 def test_a1111_api_returns_pngs_info_and_parameters(client):

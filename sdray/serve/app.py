@@ -30,7 +30,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from sdray import storage
+from sdray import allocator, storage
 from sdray.config import from_dict, to_dict
 from sdray.errors import InputError, SdrayError
 from sdray.models.config import ModelConfig, check_model_path
@@ -57,6 +57,7 @@ class ModelReplica:
 
         self.cfg = from_dict(ServeConfig, serve_cfg, where="serve")
         model = from_dict(ModelConfig, model_cfg, where="model")
+        allocator.check_loaded(self.cfg.allocator, "model replica", report=True)
         use_cuda = self.cfg.num_gpus > 0 and torch.cuda.is_available()
         if not use_cuda:
             torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
@@ -103,8 +104,8 @@ class ModelReplica:
         return "ok"
 
     def stats(self) -> dict[str, Any]:
-        """Batches run, the most requests in one batch, consecutive failed batches, and the adapters in the
-        UNet with their size (tests read this)."""
+        """Batches run, the most requests in one batch, consecutive failed batches, the adapters in the UNet
+        with their size, and the memory allocator in use (tests read this)."""
         from sdray.serve.adapters import loaded_adapters, lora_parameters
 
         return {
@@ -114,6 +115,7 @@ class ModelReplica:
             "adapters": loaded_adapters(self.sampler.pipe),
             "lora_parameters": lora_parameters(self.sampler.pipe),
             "adapter_loads": self.adapter_loads,
+            "allocator": allocator.loaded_allocator(),
         }
 
     def check_health(self) -> None:
@@ -347,7 +349,8 @@ def build_app(
     otherwise they read that variable from their own environment (e.g. set on the cluster's nodes).
     """
     s, m = to_dict(serve_cfg), to_dict(model_cfg)
-    api_key_env = {"runtime_env": {"env_vars": {serve_cfg.api_key_env: api_key}}} if api_key else {}
+    api_key_env = {serve_cfg.api_key_env: api_key} if api_key else {}
+    model_env = allocator.worker_env(serve_cfg.allocator)
     autoscaling = {
         "min_replicas": serve_cfg.min_replicas,
         "max_replicas": serve_cfg.max_replicas,
@@ -364,19 +367,25 @@ def build_app(
         return SDServer.options(
             autoscaling_config=autoscaling,
             max_ongoing_requests=serve_cfg.ingress_max_ongoing_requests,
-            ray_actor_options={**model_resources, **api_key_env},
+            ray_actor_options={**model_resources, **_env_vars(model_env | api_key_env)},
         ).bind(s, m)
     model = SDModel.options(
         autoscaling_config=autoscaling,
         max_ongoing_requests=serve_cfg.max_ongoing_requests,
         max_queued_requests=serve_cfg.max_queued_requests,
-        ray_actor_options=model_resources,
+        ray_actor_options={**model_resources, **_env_vars(model_env)},
     ).bind(s, m)
     ingress = SDIngress.options(
         max_ongoing_requests=serve_cfg.ingress_max_ongoing_requests,
-        ray_actor_options={"num_cpus": 0, **api_key_env},
+        ray_actor_options={"num_cpus": 0, **_env_vars(api_key_env)},
     )
     return ingress.bind(model, s, m)
+
+
+def _env_vars(env: dict[str, str]) -> dict[str, Any]:
+    """Ray actor options that start a replica with ``env`` (none where it is empty: the replica may then
+    reuse a worker process Ray already started)."""
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

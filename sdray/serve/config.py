@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from sdray.allocator import Allocator
 from sdray.errors import ConfigError
 
 Dtype = Literal["float32", "float16", "bfloat16"]
@@ -55,6 +56,12 @@ class ServeConfig:
     """GPUs per model replica (fractions allowed); the sampler runs on CUDA when > 0."""
     num_cpus: float = 1.0
     """CPUs Ray reserves per model replica."""
+    allocator: Allocator = "jemalloc"
+    """Memory allocator of the model replicas, as `train.allocator`: `jemalloc` (Ray's, kept from returning
+    freed memory, so a denoising step does not fault its activations in again) or `system`. The sd15
+    sampler's batch at 256 px (2 images, 4 steps) took 14.7 s instead of 21.1 on the 2-core dev VM
+    (1.44x, benchmarks/results/batchgen_allocator_sd15_256.md). The ingress never runs the model: it keeps
+    the system's."""
     dtype: Dtype = "float32"
     """Weights/activations dtype of the sampler; float16/bfloat16 only with a GPU."""
     max_steps: int = 100
