@@ -271,9 +271,8 @@ def atomic_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        tmp.chmod(
-            0o777 & ~_umask()
-        )  # mkdtemp's 0700 would hide an export from the group as a mkdir would not
+        # a mkdir's permissions under the umask: mkdtemp's 0700 would hide an export from the group
+        tmp.chmod(0o777 & ~_umask())
         yield tmp
         if target.exists():
             shutil.rmtree(target)

@@ -55,6 +55,7 @@ def test_bad_serve_config_names_the_field(kwargs, message):
 
 
 def test_single_topology_is_one_deployment_with_the_model_replicas_resources_and_scaling():
+    from sdray import allocator
     from sdray.models.config import ModelConfig
     from sdray.serve.app import SDServer, build_app
 
@@ -66,7 +67,11 @@ def test_single_topology_is_one_deployment_with_the_model_replicas_resources_and
         and deployment.max_ongoing_requests == cfg.ingress_max_ongoing_requests
     )
     assert (deployment.ray_actor_options["num_cpus"], deployment.ray_actor_options["num_gpus"]) == (2, 0)
-    assert deployment.ray_actor_options["runtime_env"] == {"env_vars": {cfg.api_key_env: "k"}}
+    env = {
+        **allocator.worker_env(cfg.allocator),
+        cfg.api_key_env: "k",
+    }  # tests/test_allocator.py: both choices
+    assert deployment.ray_actor_options["runtime_env"] == {"env_vars": env}
     scaling = deployment._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas) == (1, 3)
 
