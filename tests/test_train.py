@@ -346,6 +346,25 @@ def test_a_finished_run_whose_export_is_older_than_its_last_checkpoint_is_export
     assert [r["step"] for r in read_metrics(str(out))] == list(range(1, STEPS + 1))  # nothing trained again
 
 
+def test_the_command_exports_from_the_last_checkpoint_what_rank_0_did_not(baseline, train_cache, tmp_path):
+    """A worker lost between the last checkpoint and its export: the command exports from the checkpoint."""
+    from ray.train import Checkpoint
+
+    from sdray.train.run import ensure_exported
+
+    out, result = baseline
+    cfg = _cfg(train_cache, tmp_path / "run")  # another output: the baseline's own export stays
+    latest = Checkpoint(str(_checkpoints(out)[-1]))
+    assert ensure_exported(cfg, latest) == str(tmp_path / "run" / "model")
+    info = yaml.safe_load((tmp_path / "run" / "model" / "sdray_train.yaml").read_text())
+    assert (info["step"], info["weights"]) == (STEPS, "ema")
+    unet = tmp_path / "run" / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert unet.read_bytes() == (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    written = unet.stat().st_mtime_ns
+    ensure_exported(cfg, latest)  # already holds that step: not written again
+    assert unet.stat().st_mtime_ns == written
+
+
 def test_a_foreign_folder_where_the_model_goes_is_refused_before_training(train_cache, tmp_path):
     from sdray.errors import InputError
 

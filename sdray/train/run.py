@@ -233,6 +233,18 @@ def _trainer(spec: RunSpec, datasets: dict[str, Any], tracked: tracking_run.Trac
     )
 
 
+def ensure_exported(cfg: TrainConfig, latest: Any) -> str:
+    """`export_uri(cfg)`, exported from the Ray checkpoint ``latest`` unless it already holds that step."""
+    target = export_uri(cfg)
+    if exported_step(cfg) != checkpoint_step(latest.path):
+        from sdray.train.export import export_checkpoint
+
+        log.info("exporting step %d from its checkpoint", checkpoint_step(latest.path))
+        with storage.checkpoint_files(latest) as directory:
+            export_checkpoint(directory, target, use_ema=cfg.export_ema)
+    return target
+
+
 def _raise_diverged(status_uri: str, result: Any) -> None:
     """Turn the workers' divergence record into an error naming the step and the checkpoint kept."""
     status = json.loads(storage.read_bytes(status_uri))
@@ -370,12 +382,7 @@ def _fit_and_export(
 
     # 5. The final weights, a diffusers model directory or the LoRA adapter's: rank 0 exported them from
     # memory when it finished; exported here from the last checkpoint where it did not (a worker lost after it).
-    exported = export_uri(cfg) if cfg.export and latest is not None else None
-    if exported and exported_step(cfg) != checkpoint_step(latest.path):
-        from sdray.train.export import export_checkpoint
-
-        with storage.checkpoint_files(latest) as directory:
-            export_checkpoint(directory, exported, use_ema=cfg.export_ema)
+    exported = ensure_exported(cfg, latest) if cfg.export and latest is not None else None
     step = int(result.metrics.get("step", 0)) if result.metrics else 0
     return TrainResult(
         output=output,
