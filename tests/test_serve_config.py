@@ -67,10 +67,8 @@ def test_single_topology_is_one_deployment_with_the_model_replicas_resources_and
         and deployment.max_ongoing_requests == cfg.ingress_max_ongoing_requests
     )
     assert (deployment.ray_actor_options["num_cpus"], deployment.ray_actor_options["num_gpus"]) == (2, 0)
-    env = {
-        **allocator.worker_env(cfg.allocator),
-        cfg.api_key_env: "k",
-    }  # tests/test_allocator.py: both choices
+    # the allocator's preload beside the key (tests/test_allocator.py: both allocators, both topologies)
+    env = {**allocator.worker_env(cfg.allocator), cfg.api_key_env: "k"}
     assert deployment.ray_actor_options["runtime_env"] == {"env_vars": env}
     scaling = deployment._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas) == (1, 3)
