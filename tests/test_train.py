@@ -329,7 +329,7 @@ def test_rerun_with_fewer_steps_trains_nothing_and_keeps_the_saved_config(baseli
 
 
 def test_a_finished_run_whose_export_is_older_than_its_last_checkpoint_is_exported_again(
-    baseline, train_cache
+    baseline, train_cache, caplog
 ):
     """Rank 0 exports when it finishes; a run stopped between its last checkpoint and that export (here: an
     export recorded at an earlier step) is not taken as done: the rerun resumes at the end and exports."""
@@ -339,7 +339,9 @@ def test_a_finished_run_whose_export_is_older_than_its_last_checkpoint_is_export
     assert recorded["step"] == STEPS and recorded["weights"] == "ema"
     before = (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     info.write_text(yaml.safe_dump({**recorded, "step": 12}))
-    rerun = run_training(_cfg(train_cache, out), ModelConfig())
+    with caplog.at_level("INFO", logger="sdray.train.run"):
+        rerun = run_training(_cfg(train_cache, out), ModelConfig())
+    assert "from its checkpoint" not in caplog.text  # rank 0 exported from memory, not the command's fallback
     assert not rerun.already_done and rerun.step == STEPS and rerun.model == result.model
     assert yaml.safe_load(info.read_text())["step"] == STEPS
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
