@@ -111,6 +111,38 @@ def local_cpus(cores: int) -> int:
     return max(4, cores)
 
 
+def actor_threads(requested: int, actors: int) -> int:
+    """Torch threads of one CPU actor of a pool of ``actors`` (encoders, samplers): ``requested``, or with 0
+    this machine's cores shared by the pool's actors expected on it.
+
+    Ray Data spreads an actor pool over the nodes (its default scheduling strategy is SPREAD), so on a cluster
+    of M machines about actors / M run on each: dividing the cores by all of them would leave a node of a
+    4-machine cluster with 4 actors using a quarter of its cores. The nodes of a local multi-node cluster share
+    one machine, so they count once (machines are told apart by their address).
+    """
+    return requested or shared_cores(os.cpu_count() or 1, actors, cpu_machines())
+
+
+def shared_cores(cores: int, actors: int, machines: int) -> int:
+    """A machine's ``cores`` divided among the actors a pool of ``actors`` puts on each of ``machines``."""
+    per_machine = -(-actors // max(machines, 1))
+    return max(1, cores // per_machine)
+
+
+def cpu_machines() -> int:
+    """Machines (distinct node addresses) with CPUs in the running Ray cluster; 1 outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    addresses = {
+        node["NodeManagerAddress"]
+        for node in ray.nodes()
+        if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0
+    }
+    return max(1, len(addresses))
+
+
 def quiet_ray_train_chatter() -> None:
     """Worker set-up hook of a private local Ray: silence two Ray Train messages that drown the progress.
 

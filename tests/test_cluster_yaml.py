@@ -1,6 +1,7 @@
 """cluster.yaml must pass Ray's own cluster-config validation, so a typo fails CI (no cloud credentials needed)."""
 
 import copy
+import os
 from pathlib import Path
 
 import jsonschema
@@ -91,3 +92,24 @@ def test_sdrays_ray_train_settings_reach_the_controller_and_a_users_value_wins(m
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "5")
     export_train_settings()
     assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "5"
+
+
+@pytest.mark.parametrize(
+    ("cores", "actors", "machines", "threads"),
+    [(16, 4, 4, 16), (16, 4, 1, 4), (16, 8, 4, 8), (16, 5, 4, 8), (2, 1, 1, 2), (2, 3, 1, 1)],
+)
+def test_a_spread_actor_pool_shares_each_machines_cores_among_the_actors_on_it(
+    cores, actors, machines, threads
+):
+    """4 encoder actors spread over 4 machines each use all 16 cores (not 16 / 4); on one machine they share."""
+    from sdray.cluster import shared_cores
+
+    assert shared_cores(cores, actors, machines) == threads
+
+
+def test_the_local_ray_is_one_machine_and_a_requested_thread_count_wins(ray_session):
+    from sdray.cluster import actor_threads, cpu_machines
+
+    assert cpu_machines() == 1
+    assert actor_threads(0, 2) == max(1, (os.cpu_count() or 1) // 2)
+    assert actor_threads(3, 2) == 3

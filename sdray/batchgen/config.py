@@ -38,7 +38,8 @@ class BatchGenerateConfig:
     num_cpus: float = 1.0
     """CPUs Ray reserves per sampler actor."""
     threads: int = 0
-    """Torch threads of a sampler actor on CPU; 0: the node's cores / concurrency."""
+    """Torch threads of a sampler actor on CPU; 0: the machine's cores shared by the sampler actors on it (the
+    pool spreads over the cluster's machines)."""
     allocator: Allocator = "jemalloc"
     """Memory allocator of the sampler actors, as `train.allocator`: `jemalloc` (Ray's, kept from returning
     freed memory, so a denoising step does not fault its activations in again) or `system`. On the 2-core dev

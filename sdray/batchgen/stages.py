@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 
 from sdray.allocator import Allocator, check_loaded
 from sdray.batchgen.prompts import SAMPLING_FIELDS, to_request
+from sdray.cluster import actor_threads
 from sdray.config import from_dict
 from sdray.data.cache import SHARD_PREFIX
 from sdray.models.config import ModelConfig
@@ -62,7 +62,7 @@ class SamplerActor:
         model_cfg = from_dict(ModelConfig, model, where="model")
         cuda = torch.cuda.is_available()
         if not cuda:  # Ray sets OMP_NUM_THREADS to the reserved CPUs: often 1
-            torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // actors))
+            torch.set_num_threads(actor_threads(threads, actors))
         self.sampler = Sampler(
             load_components(model_cfg),
             source=model_cfg.source,

@@ -48,7 +48,8 @@ class PreprocessConfig:
     encode_num_cpus: float = 1.0
     """CPUs Ray reserves per encoder actor (leave some for the read/decode tasks)."""
     encode_threads: int = 0
-    """Torch threads of an encoder actor on CPU; 0: the node's cores / encode_concurrency (shared with decoding)."""
+    """Torch threads of an encoder actor on CPU; 0: the machine's cores shared by the encoder actors on it (the
+    pool spreads over the cluster's machines; decoding shares the cores too)."""
     encode_allocator: Allocator = "jemalloc"
     """Memory allocator of the encoder actors, as `train.allocator`: `jemalloc` (Ray's, kept from returning
     freed memory, so a batch does not fault its activations in again) or `system`. On the 2-core dev VM the

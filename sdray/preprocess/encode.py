@@ -8,7 +8,6 @@ overflow, broken weights) are marked rejected here instead of poisoning the cach
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from sdray.allocator import Allocator, check_loaded
+from sdray.cluster import actor_threads
 from sdray.config import from_dict
 from sdray.data.cache import CacheInfo
 from sdray.data.images import normalise
@@ -38,7 +38,8 @@ class Encoder:
         actors: int = 1,
         allocator: Allocator | None = None,
     ) -> None:
-        """``num_threads``: torch threads on CPU; 0 shares this node's cores among ``actors`` actors.
+        """``num_threads``: torch threads on CPU; 0 shares this machine's cores among the pool's ``actors``
+        actors expected on it (sdray.cluster.actor_threads).
         ``allocator``: the one this actor was started with (warns if it did not load); None: not checked."""
         if allocator:
             check_loaded(allocator, "encoder actor", report=True)
@@ -51,7 +52,7 @@ class Encoder:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS to the reserved CPUs: often 1
-            torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // actors))
+            torch.set_num_threads(actor_threads(num_threads, actors))
         # Loaded in fp32; cast only when needed (diffusers warns on every AutoencoderKL.to(dtype)).
         self.vae, self.text_encoder = (
             m.to(self.device) if self.dtype == torch.float32 else m.to(self.device, self.dtype)
