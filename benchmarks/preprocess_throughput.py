@@ -13,6 +13,11 @@ files) it times, end to end:
   after it: a real run is a job of its own, whose worker processes start (and import) anew, so a run must
   not inherit the warm workers of the one before. Also when the first and the last input file were
   committed, which shows that output streams out while encoding goes on.
+- `floor`: Ray's own cost for the same plan on a fresh Ray: the same read tasks, a decode stage with the same
+  resources, one actor with the encoder's runtime_env that only imports what the encoder imports (torch,
+  transformers, diffusers) and a write stage, all passing the rows through untouched: no model load, no
+  decoding, encoding or writing. What the pipeline takes above it is sdray's (and the work's); where the floor
+  alone exceeds the plain loop, no pipeline of this shape can match the loop at that size on this machine.
 `--file-per-task` also times the pipeline with one read task per input file, as it ran before small files
 were packed several to a task (2026-12-04), side by side in the same run.
 With two sizes it also reports the marginal rate (N2 - N1) / (t2 - t1): the steady state once the fixed costs
@@ -37,24 +42,28 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
 from sdray.config import to_dict
 from sdray.data import cache
+from sdray.data.cache import CacheInfo
 from sdray.data.images import decode_pixels, open_checked, pick_caption
 from sdray.data.synth import SynthConfig, write_synth
 from sdray.models.components import load_components
 from sdray.pipeline_config import load_pipeline_config
 from sdray.preprocess import dataset
 from sdray.preprocess.encode import Encoder
+from sdray.preprocess.inputs import resolve_inputs, row_counts
+from sdray.preprocess.manifest import OutputDir
 from sdray.preprocess.run import cache_info, run_preprocess
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def plain_loop(cfg, data: Path, out: Path) -> float:
-    """Seconds to preprocess ``data`` in one process, model load included."""
+def plain_loop(cfg, data: Path, out: Path) -> tuple[float, CacheInfo]:
+    """Seconds to preprocess ``data`` in one process, model load included, and the cache's metadata."""
     pre = cfg.preprocess
     start = time.perf_counter()
     components = load_components(cfg.model, parts=("tokenizer", "text_encoder", "vae"))
@@ -82,7 +91,7 @@ def plain_loop(cfg, data: Path, out: Path) -> float:
                 captions=captions,
             )
             pq.write_table(table, out / f"part-{k}-{b}.parquet")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, info
 
 
 def watch_commits(manifest: Path, start: float, files: int) -> tuple[list[float], Callable[[], None]]:
@@ -126,6 +135,67 @@ def ray_pipeline(cfg, files: int, cores: int) -> dict:
     return {"s": seconds, "pipeline_s": summary["this_run"]["wall_s"], "commits_s": commits}
 
 
+class ImportOnlyEncoder:
+    """The encoder stage's stand-in: the actor's process and imports, no model load, rows passed through."""
+
+    def __init__(self, **_) -> None:
+        import sdray.models.components  # noqa: F401 - torch, transformers, diffusers: what the encoder imports
+
+    def __call__(self, batch: dict) -> dict:
+        return batch
+
+
+def import_tokenizer(batch: pa.Table, **_) -> pa.Table:
+    """The decode stage's stand-in: its worker imports the tokenizer's library, as decode_batch does."""
+    from transformers import CLIPTokenizer  # noqa: F401
+
+    return batch
+
+
+def pass_through(batch: dict, **_) -> dict:
+    """The write stage's stand-in: writes nothing."""
+    return batch
+
+
+@contextlib.contextmanager
+def stand_in_stages():
+    """sdray's plan (dataset.build_dataset) with its three stages doing no work."""
+    real = dataset.decode_batch, dataset.Encoder, dataset.write_shards
+    dataset.decode_batch, dataset.Encoder, dataset.write_shards = (
+        import_tokenizer,
+        ImportOnlyEncoder,
+        pass_through,
+    )
+    try:
+        yield
+    finally:
+        dataset.decode_batch, dataset.Encoder, dataset.write_shards = real
+
+
+def ray_floor(cfg, info: CacheInfo, cores: int) -> float:
+    """End-to-end seconds of the pipeline's plan with every stage passing rows through (see the module doc)."""
+    pre = cfg.preprocess
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    try:
+        start = time.perf_counter()
+        fs, files = resolve_inputs(pre.input)
+        rows = row_counts(fs, files, pre)
+        with stand_in_stages():
+            ds = dataset.build_dataset(
+                cfg,
+                fs=fs,
+                paths=[f.path for f in files],
+                rows=[rows[f.path] for f in files],
+                out=OutputDir(pre.output),
+                info=info,
+            )
+            for _ in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                pass
+        return time.perf_counter() - start
+    finally:
+        ray.shutdown()
+
+
 @contextlib.contextmanager
 def one_read_task_per_file():
     """The read planning of before 2026-12-04: a task per input file, however small."""
@@ -158,8 +228,9 @@ def markdown(result: dict) -> str:
         f"{result['machine']}; load average {result['load_average_at_start'][0]:.2f} at start, "
         f"{result['load_average_at_end'][0]:.2f} at end. `{result['command']}`",
         "",
-        "| images | plain s | ray s | ray / plain speed | ray pipeline s | first / last file committed at s |",
-        "|---|---|---|---|---|---|",
+        "| images | plain s | ray s | ray / plain speed | ray pipeline s | first / last file committed at s "
+        "| ray floor s | ray above floor s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     per_file = any("ray_file_per_task_s" in r for r in result["runs"])
     if per_file:
@@ -169,7 +240,7 @@ def markdown(result: dict) -> str:
         first, last = (r["commits_s"] + ["-", "-"])[:2]
         lines.append(
             f"| {r['images']} | {r['plain_s']} | {r['ray_s']} | {r['speedup']}x | {r['ray_pipeline_s']} "
-            f"| {first} / {last} |"
+            f"| {first} / {last} | {r['ray_floor_s']} | {round(r['ray_s'] - r['ray_floor_s'], 2)} |"
             + (f" {r['ray_file_per_task_s']} | {r['packed_vs_file_per_task']}x |" if per_file else "")
         )
     if "marginal_images_per_s" in result:
@@ -202,8 +273,8 @@ def main() -> None:
         "load_average_at_start": os.getloadavg(),
         "preset": args.preset,
         "resolution": args.resolution,
-        "ray": f"num_cpus={cores}, a fresh local Ray for each size; decode tasks 1 CPU, one encoder actor (1 CPU "
-        f"reserved, {cores} torch threads)",
+        "ray": f"num_cpus={cores}, a fresh local Ray for each size and for the floor; decode tasks 1 CPU, one "
+        f"encoder actor (1 CPU reserved, {cores} torch threads)",
         "runs": [],
     }
     try:
@@ -213,12 +284,13 @@ def main() -> None:
             )
             cfg = pipeline_config(args, data, work / f"ray{n}", cores)
             (work / f"plain{n}").mkdir()
-            plain_s = plain_loop(cfg, data, work / f"plain{n}")
+            plain_s, info = plain_loop(cfg, data, work / f"plain{n}")
             timed = ray_pipeline(cfg, files=-(-n // 64), cores=cores)
+            floor_s = ray_floor(pipeline_config(args, data, work / f"floor{n}", cores), info, cores)
             ray_s = timed["s"]
             run = {"images": n, "plain_s": round(plain_s, 2), "ray_s": round(ray_s, 2),
                    "speedup": round(plain_s / ray_s, 2), "ray_pipeline_s": timed["pipeline_s"],
-                   "commits_s": timed["commits_s"],
+                   "commits_s": timed["commits_s"], "ray_floor_s": round(floor_s, 2),
                    "plain_images_per_s": round(n / plain_s, 2), "ray_images_per_s": round(n / ray_s, 2)}  # fmt: skip
             if args.file_per_task:
                 with one_read_task_per_file():
