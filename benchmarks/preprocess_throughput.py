@@ -13,9 +13,9 @@ files) it times, end to end:
   after it: a real run is a job of its own, whose worker processes start (and import) anew, so a run must
   not inherit the warm workers of the one before. Also when the first and the last input file were
   committed, which shows that output streams out while encoding goes on.
-- `floor`: Ray's own cost for the same plan on a fresh Ray: the same read tasks, a decode stage with the same
-  resources, one actor with the encoder's runtime_env that only imports what the encoder imports (torch,
-  transformers, diffusers) and a write stage, all passing the rows through untouched: no model load, no
+- `floor`: Ray's own cost for the same plan on a fresh Ray: sdray's `dataset.build_dataset` with its three
+  stages swapped for stand-ins that pass the rows through (the same read tasks, resources and runtime_env; the
+  encoder actor only imports what the encoder imports: torch, transformers, diffusers): no model load, no
   decoding, encoding or writing. What the pipeline takes above it is sdray's (and the work's); where the floor
   alone exceeds the plain loop, no pipeline of this shape can match the loop at that size on this machine.
 `--file-per-task` also times the pipeline with one read task per input file, as it ran before small files
