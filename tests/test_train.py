@@ -23,7 +23,7 @@ from PIL import Image
 from sdray.errors import ConfigError
 from sdray.models.config import ModelConfig
 from sdray.train import checkpoint as ckpt
-from sdray.train.config import LossConfig, TrainConfig
+from sdray.train.config import LoraConfig, LossConfig, TrainConfig
 from sdray.train.metrics import read_metrics
 from sdray.train.run import run_training
 
@@ -192,6 +192,34 @@ def test_a_checkpoint_on_the_local_disk_is_renamed_into_the_run_not_copied(ray_s
     assert (saved / "weights.bin").stat().st_ino == int((saved / "inode.txt").read_text())  # the same file
     assert {p.name for p in saved.iterdir()} == {"weights.bin", "inode.txt"}  # nothing of the stale write
     assert not list((tmp_path / "train").glob(".sdray-checkpoint-*"))  # the staging folder is gone
+
+
+def _mapped_file(tensor: torch.Tensor) -> str:
+    """What /proc/self/maps names the mapping holding ``tensor``'s data: a file's path, "[heap]", "" (anonymous)."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *fields = line.split()
+        low, high = (int(x, 16) for x in span.split("-"))
+        if low <= address < high:
+            return fields[4] if len(fields) > 4 else ""
+    return ""
+
+
+def test_full_training_copies_the_unet_out_of_its_model_file_and_lora_leaves_it_mapped(tiny_model_dir):
+    """A weight left in safetensors' copy-on-write map costs a page fault per 4 KB at the first optimizer step."""
+    from sdray.models.components import load_components
+    from sdray.train.state import build_state
+
+    model, cpu = ModelConfig(path=str(tiny_model_dir)), torch.device("cpu")
+    loaded = load_components(model, ["unet"]).unet
+    assert all(_mapped_file(p).endswith(".safetensors") for p in loaded.parameters())  # how diffusers loads
+    full = build_state(TrainConfig(ema=False), model, cpu, 0)
+    assert not [f for f in map(_mapped_file, full.params) if f.endswith(".safetensors")]
+    for mine, theirs in zip(full.unet.parameters(), loaded.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+    lora = build_state(TrainConfig(ema=False, lora=LoraConfig(enabled=True, rank=4)), model, cpu, 0)
+    frozen = [p for p in lora.unet.parameters() if not p.requires_grad]
+    assert frozen and all(_mapped_file(p).endswith(".safetensors") for p in frozen)
 
 
 def test_adamw_is_fused_by_default_and_updates_like_the_loop():

@@ -125,11 +125,23 @@ def _unet(
             unet.to(device, dtype=dtype)
         lora.add_adapter(unet, cfg.lora, seed=stream_seed(cfg.seed, Stream.LORA_INIT, 0))
         cast_training_params(unet, dtype=torch.float32)
+    elif model_cfg.path and device.type == "cpu":
+        _own_memory(unet)
     unet.to(device)
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return unet, lora.trained_parameters(unet)
+
+
+def _own_memory(module: torch.nn.Module) -> None:
+    """Copy the parameters out of the model file: diffusers maps safetensors weights copy-on-write, and the
+    first optimizer step would then copy every 4 KB page on a fault of its own (the sd15 UNet: 840,000 faults,
+    8.1 s on the 2-core VM); one copy up front takes 3.3 s. Frozen weights (LoRA) stay mapped: read-only,
+    they share the page cache across the workers of a machine."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.data = param.data.clone()
 
 
 def build_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, rank: int) -> TrainingState:
