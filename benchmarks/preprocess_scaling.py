@@ -20,15 +20,11 @@ encoder actor). The table records the machine's core count beside the results.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 
 import ray
@@ -38,9 +34,9 @@ from sdray.pipeline_config import load_pipeline_config
 from sdray.preprocess.run import run_preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "scripts"))  # the cluster of the local multi-node workflow (docs/cluster.md)
 from local_cluster import start_cluster  # noqa: E402
+from results_file import publish, run_header  # noqa: E402
 
 
 def timed_run(args: argparse.Namespace, data: Path, out: Path, nodes: int) -> float:
@@ -122,11 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sdray-scaling-"))
     result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join([".venv/bin/python", "benchmarks/preprocess_scaling.py", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
-        "versions": {name: version(name) for name in ("torch", "ray", "diffusers", "pyarrow")},
-        "load_average_at_start": os.getloadavg(),
+        **run_header(__file__),
         "preset": args.preset,
         "resolution": args.resolution,
         "num_images": args.num_images,
@@ -152,11 +144,7 @@ def main() -> None:
         result["load_average_at_end"] = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"preprocess_scaling_{args.preset}_{args.resolution}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    publish(f"preprocess_scaling_{args.preset}_{args.resolution}", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -28,23 +28,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from results_file import publish, run_header
 
 from sdray.config import to_dict
 from sdray.data import cache
@@ -58,8 +54,6 @@ from sdray.preprocess.encode import Encoder
 from sdray.preprocess.inputs import resolve_inputs, row_counts
 from sdray.preprocess.manifest import OutputDir
 from sdray.preprocess.run import cache_info, run_preprocess
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def plain_loop(cfg, data: Path, out: Path) -> tuple[float, CacheInfo]:
@@ -266,11 +260,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="sdray-bench-"))
     result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join([".venv/bin/python", "benchmarks/preprocess_throughput.py", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {cores} cores, no GPU",
-        "versions": {name: version(name) for name in ("torch", "ray", "diffusers", "pyarrow")},
-        "load_average_at_start": os.getloadavg(),
+        **run_header(__file__),
         "preset": args.preset,
         "resolution": args.resolution,
         "ray": f"num_cpus={cores}, a fresh local Ray for each size and for the floor; decode tasks 1 CPU, one "
@@ -310,11 +300,7 @@ def main() -> None:
         result["load_average_at_end"] = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"preprocess_{args.preset}_{args.resolution}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    publish(f"preprocess_{args.preset}_{args.resolution}", result, markdown(result))
 
 
 if __name__ == "__main__":
